@@ -44,7 +44,9 @@ if [ ! -f "$build/.done" ]; then
     "$src/scripts/kconfig/merge_config.sh" -m -O "$build" "$build/.config" "$@" >>"$build/config.log" 2>&1
     mk olddefconfig >>"$build/config.log" 2>&1
     # A symbol that does not stick (unmet dependency, renamed) would silently drop a feature: refuse.
-    missing=$(cat "$@" | sed -n 's/^\(CONFIG_[A-Za-z0-9_]*\)=\(.*\)$/\1=\2/p' | while IFS= read -r want; do
+    # The last fragment that sets a symbol wins (as in merge_config.sh).
+    missing=$(cat "$@" | sed -n 's/^\(CONFIG_[A-Za-z0-9_]*\)=\(.*\)$/\1=\2/p' |
+        awk -F= '{want[$1]=$0} END {for (k in want) print want[k]}' | while IFS= read -r want; do
         grep -qxF "$want" "$build/.config" || echo "  $want (got: $(grep -E "^(# )?${want%%=*}[= ]" "$build/.config" || echo unset))"
     done)
     if [ -n "$missing" ]; then

@@ -1,0 +1,75 @@
+# Husk: `make demo` boots a microVM and talks to its agent; `make test` installs what is missing and runs
+# every check. Kernel and image builds are cached in $(HUSK_CACHE) (default ~/.cache/husk).
+SHELL := /bin/bash
+.SHELLFLAGS := -euo pipefail -c
+export HUSK_CACHE ?= $(HOME)/.cache/husk
+
+CARGO ?= cargo
+HOST_TARGET := x86_64-unknown-linux-gnu
+AGENT := target/$(HOST_TARGET)/release/husk-agent
+VMM := target/release/husk-vmm
+ROOTFS_BUILDER := target/release/husk-rootfs-builder
+TESTHOST := tests/testhost/run
+
+# Debian packages the build and the tests need on the host (the L1 test host brings its own).
+APT_PACKAGES := linux-source-6.1 flex bison bc libelf-dev libssl-dev cpio xz-utils gcc libc6-dev make \
+	qemu-system-x86 debootstrap e2fsprogs jq
+
+.PHONY: all deps build agent guest testhost lint unit e2e test bench demo clean
+
+all: build
+
+deps:
+	@missing=$$(for p in $(APT_PACKAGES); do \
+		dpkg-query -W -f='$${Status}\n' $$p 2>/dev/null | grep -q 'install ok installed' || echo $$p; done); \
+	if [ -n "$$missing" ]; then \
+		echo "[deps] installing:" $$missing; \
+		apt-get update -q >/dev/null && DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends $$missing >/dev/null; \
+	else echo "[deps] all Debian packages present"; fi
+	@rustup component list --installed 2>/dev/null | grep -q clippy || rustup component add clippy rustfmt
+
+build:
+	$(CARGO) build --release --workspace --bins
+
+# The agent is PID 1 of the guest: a static binary (crt-static on the gnu target; --target keeps the
+# flag away from build scripts and proc macros).
+agent:
+	RUSTFLAGS='-C target-feature=+crt-static' $(CARGO) build --release --target $(HOST_TARGET) -p husk-agent
+	@file $(AGENT) | grep -q 'statically linked' || { echo "$(AGENT) is not static" >&2; exit 1; }
+
+# Guest kernel and the guest image (agent as /init).
+guest: agent build
+	guest-kernel/build.sh guest build/guest guest-kernel/microvm.config
+	$(ROOTFS_BUILDER) initrd --agent $(AGENT) --out build/guest/initrd.img
+
+# The nested test host (L1): its kernel, its Debian root filesystem, and the marker-init guest image.
+testhost: build
+	guest-kernel/build.sh l1 build/testhost guest-kernel/microvm.config tests/testhost/l1-kernel.config
+	tests/testhost/build-rootfs.sh build/testhost/rootfs.ext4
+	gcc -static -Os -o build/testhost/marker-init tests/testhost/marker-init.c
+	$(ROOTFS_BUILDER) initrd --agent build/testhost/marker-init --out build/testhost/marker-initrd.img
+
+lint:
+	$(CARGO) fmt --all --check
+	$(CARGO) clippy --workspace --all-targets --release -- -D warnings
+
+unit:
+	$(CARGO) test --release --workspace --lib --bins
+
+# Everything that boots a VM runs in one test-host boot: the self-test, then the end-to-end tests.
+e2e: guest testhost
+	e2e=$$($(CARGO) test --release -p husk-tests --no-run --message-format=json 2>/dev/null | \
+		jq -r 'select(.profile.test == true and .executable != null) | .executable' | tr '\n' ' '); \
+	$(TESTHOST) tests/run-in-testhost $$e2e
+
+test: deps lint unit e2e
+	@echo "make test: all checks passed"
+
+bench: guest testhost
+	$(TESTHOST) target/release/husk-bench --out target/bench/results.json
+
+demo: deps guest testhost
+	$(TESTHOST) target/release/husk-demo
+
+clean:
+	rm -rf build target/bench

@@ -1,0 +1,362 @@
+//! Shared harness for Husk's end-to-end tests, benchmarks and demo: finds the built artifacts, starts
+//! `husk-vmm` as a real process with a real guest, talks to the agent through the hybrid vsock socket,
+//! and checks what is left behind.
+
+use std::io::{BufRead, BufReader, Read};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
+
+use husk_proto::client::{AgentClient, ClientOptions};
+use husk_proto::AGENT_VSOCK_PORT;
+
+#[derive(Debug, thiserror::Error)]
+pub enum HarnessError {
+    #[error("{what} {path} is missing: {hint}")]
+    Missing {
+        what: &'static str,
+        path: PathBuf,
+        hint: &'static str,
+    },
+    #[error("/dev/kvm is not usable here ({0}); VM tests must run where KVM boots a stock guest: tests/testhost/run")]
+    NoKvm(std::io::Error),
+    #[error("cannot start {what}: {source}")]
+    Spawn {
+        what: String,
+        source: std::io::Error,
+    },
+    #[error("{0}")]
+    Timeout(String),
+    #[error("agent: {0}")]
+    Agent(#[from] husk_proto::client::ClientError),
+    #[error("{what}: {source}")]
+    Io {
+        what: String,
+        source: std::io::Error,
+    },
+}
+
+/// The project checkout (this crate lives in `<root>/tests`).
+pub fn project_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .unwrap_or(Path::new("/"))
+        .to_path_buf()
+}
+
+/// Paths of the built pieces a VM test needs.
+#[derive(Debug, Clone)]
+pub struct Artifacts {
+    pub vmm: PathBuf,
+    pub kernel: PathBuf,
+    pub initrd: PathBuf,
+    /// A guest image whose /init prints `HUSK-GUEST-INIT ...` and reboots.
+    pub marker_initrd: PathBuf,
+}
+
+impl Artifacts {
+    pub fn locate() -> Result<Self, HarnessError> {
+        let root = project_root();
+        let a = Artifacts {
+            vmm: root.join("target/release/husk-vmm"),
+            kernel: root.join("build/guest/vmlinux"),
+            initrd: root.join("build/guest/initrd.img"),
+            marker_initrd: root.join("build/testhost/marker-initrd.img"),
+        };
+        for (what, path, hint) in [
+            ("VMM binary", &a.vmm, "run 'make build'"),
+            ("guest kernel", &a.kernel, "run 'make guest'"),
+            ("guest initrd", &a.initrd, "run 'make guest'"),
+            ("marker initrd", &a.marker_initrd, "run 'make testhost'"),
+        ] {
+            if !path.is_file() {
+                return Err(HarnessError::Missing {
+                    what,
+                    path: path.clone(),
+                    hint,
+                });
+            }
+        }
+        Ok(a)
+    }
+}
+
+/// Fails unless /dev/kvm can be opened read-write (a VM test must never pass silently without it).
+pub fn require_kvm() -> Result<(), HarnessError> {
+    std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open("/dev/kvm")
+        .map(|_| ())
+        .map_err(HarnessError::NoKvm)
+}
+
+#[derive(Debug, Clone)]
+pub struct VmOptions {
+    pub vcpus: u8,
+    pub mem_mib: u64,
+    pub initrd: PathBuf,
+    pub extra_cmdline: Option<String>,
+    /// Console to a pipe that the harness reads (needed for `wait_console_line`), else to a file.
+    pub console_to_pipe: bool,
+}
+
+impl VmOptions {
+    pub fn agent(a: &Artifacts) -> Self {
+        VmOptions {
+            vcpus: 1,
+            mem_mib: 128,
+            initrd: a.initrd.clone(),
+            extra_cmdline: None,
+            console_to_pipe: false,
+        }
+    }
+}
+
+/// A running `husk-vmm` process with its own private directory (vsock socket, console log).
+pub struct VmProcess {
+    child: Child,
+    dir: tempfile::TempDir,
+    pub started: Instant,
+    console_lines: Option<mpsc::Receiver<(Instant, String)>>,
+}
+
+impl VmProcess {
+    pub fn spawn(a: &Artifacts, o: &VmOptions) -> Result<Self, HarnessError> {
+        let dir = tempfile::Builder::new()
+            .prefix("husk-vm-")
+            .tempdir()
+            .map_err(|source| HarnessError::Io {
+                what: "creating the VM directory".into(),
+                source,
+            })?;
+        let mut cmd = Command::new(&a.vmm);
+        cmd.arg("--kernel")
+            .arg(&a.kernel)
+            .arg("--initrd")
+            .arg(&o.initrd)
+            .arg("--vcpus")
+            .arg(o.vcpus.to_string())
+            .arg("--mem-mib")
+            .arg(o.mem_mib.to_string())
+            .arg("--vsock-uds")
+            .arg(dir.path().join("vsock.sock"))
+            .stdin(Stdio::null())
+            .stderr(Stdio::piped());
+        if let Some(c) = &o.extra_cmdline {
+            cmd.arg("--cmdline").arg(c);
+        }
+        if o.console_to_pipe {
+            cmd.arg("--console").arg("stdout").stdout(Stdio::piped());
+        } else {
+            cmd.arg("--console")
+                .arg(dir.path().join("console.log"))
+                .stdout(Stdio::null());
+        }
+        let started = Instant::now();
+        let mut child = cmd.spawn().map_err(|source| HarnessError::Spawn {
+            what: a.vmm.display().to_string(),
+            source,
+        })?;
+        let console_lines = child.stdout.take().map(line_reader);
+        Ok(VmProcess {
+            child,
+            dir,
+            started,
+            console_lines,
+        })
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    pub fn dir(&self) -> &Path {
+        self.dir.path()
+    }
+
+    pub fn vsock_path(&self) -> PathBuf {
+        self.dir.path().join("vsock.sock")
+    }
+
+    /// Waits until the agent answers a Ping through the VM's hybrid vsock socket.
+    pub async fn connect_agent(&self, timeout: Duration) -> Result<AgentClient, HarnessError> {
+        let opts = ClientOptions {
+            retry_initial_backoff: Duration::from_millis(5),
+            retry_max_backoff: Duration::from_millis(50),
+            ..Default::default()
+        };
+        let deadline = Instant::now() + timeout;
+        // The socket appears once the VMM has set up its devices.
+        while !self.vsock_path().exists() {
+            if Instant::now() > deadline {
+                return Err(HarnessError::Timeout(format!(
+                    "{} never appeared; console:\n{}",
+                    self.vsock_path().display(),
+                    self.console()
+                )));
+            }
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        Ok(
+            AgentClient::connect_with_retry(&self.vsock_path(), AGENT_VSOCK_PORT, opts, deadline)
+                .await?,
+        )
+    }
+
+    /// Waits for a console line containing `needle` (console must go to the pipe). Returns the line
+    /// and when it was read.
+    pub fn wait_console_line(
+        &mut self,
+        needle: &str,
+        timeout: Duration,
+    ) -> Result<(Instant, String), HarnessError> {
+        let rx = self
+            .console_lines
+            .as_ref()
+            .ok_or_else(|| HarnessError::Timeout("console is not piped".into()))?;
+        let deadline = Instant::now() + timeout;
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match rx.recv_timeout(left) {
+                Ok((t, line)) if line.contains(needle) => return Ok((t, line)),
+                Ok(_) => {}
+                Err(_) => {
+                    return Err(HarnessError::Timeout(format!(
+                        "no console line containing {needle:?} within {timeout:?}"
+                    )))
+                }
+            }
+        }
+    }
+
+    /// Waits for the VMM to exit; kills it if `timeout` passes.
+    pub fn wait_exit(&mut self, timeout: Duration) -> Result<ExitStatus, HarnessError> {
+        wait_child(&mut self.child, timeout, "husk-vmm")
+    }
+
+    /// What the VMM wrote on stderr (only complete once it exited).
+    pub fn stderr(&mut self) -> String {
+        let mut s = String::new();
+        if let Some(mut e) = self.child.stderr.take() {
+            let _ = e.read_to_string(&mut s);
+        }
+        s
+    }
+
+    /// The guest console so far (when it goes to a file).
+    pub fn console(&self) -> String {
+        std::fs::read_to_string(self.dir.path().join("console.log")).unwrap_or_default()
+    }
+
+    /// Resident memory of the VMM process, KiB.
+    pub fn rss_kib(&self) -> Option<u64> {
+        rss_kib(self.child.id())
+    }
+
+    pub fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Drop for VmProcess {
+    fn drop(&mut self) {
+        if matches!(self.child.try_wait(), Ok(None)) {
+            self.kill();
+        }
+    }
+}
+
+/// Reads lines on a thread, timestamping each as it arrives.
+pub fn line_reader<R: Read + Send + 'static>(r: R) -> mpsc::Receiver<(Instant, String)> {
+    let (tx, rx) = mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(r).lines() {
+            let Ok(line) = line else { break };
+            if tx.send((Instant::now(), line)).is_err() {
+                break;
+            }
+        }
+    });
+    rx
+}
+
+pub fn wait_child(
+    child: &mut Child,
+    timeout: Duration,
+    what: &str,
+) -> Result<ExitStatus, HarnessError> {
+    let deadline = Instant::now() + timeout;
+    loop {
+        match child.try_wait() {
+            Ok(Some(s)) => return Ok(s),
+            Ok(None) if Instant::now() < deadline => std::thread::sleep(Duration::from_millis(5)),
+            Ok(None) => {
+                let _ = child.kill();
+                let _ = child.wait();
+                return Err(HarnessError::Timeout(format!(
+                    "{what} did not exit within {timeout:?}"
+                )));
+            }
+            Err(source) => {
+                return Err(HarnessError::Io {
+                    what: format!("waiting for {what}"),
+                    source,
+                })
+            }
+        }
+    }
+}
+
+/// VmRSS of a process, KiB.
+pub fn rss_kib(pid: u32) -> Option<u64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+}
+
+/// Processes whose command line mentions `needle` (to find leftovers of a VM by its directory).
+pub fn processes_mentioning(needle: &str) -> Vec<u32> {
+    let Ok(dir) = std::fs::read_dir("/proc") else {
+        return Vec::new();
+    };
+    let me = std::process::id();
+    dir.filter_map(|e| e.ok()?.file_name().to_str()?.parse::<u32>().ok())
+        .filter(|pid| *pid != me)
+        .filter(|pid| {
+            std::fs::read(format!("/proc/{pid}/cmdline"))
+                .map(|c| String::from_utf8_lossy(&c).contains(needle))
+                .unwrap_or(false)
+        })
+        .collect()
+}
+
+/// Median of a non-empty sample (upper median for even counts).
+pub fn median(v: &[f64]) -> f64 {
+    let mut s = v.to_vec();
+    s.sort_by(|a, b| a.total_cmp(b));
+    s.get(s.len() / 2).copied().unwrap_or(f64::NAN)
+}
+
+/// Whether this runs inside the project's nested test host (L1 under TCG): its kernel says so.
+pub fn in_nested_testhost() -> bool {
+    std::fs::read_to_string("/proc/sys/kernel/osrelease")
+        .is_ok_and(|r| r.trim().ends_with("-husk-l1"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn median_and_rss() {
+        assert_eq!(median(&[3.0, 1.0, 2.0]), 2.0);
+        assert_eq!(median(&[4.0, 1.0, 2.0, 3.0]), 3.0);
+        assert!(median(&[]).is_nan());
+        assert!(rss_kib(std::process::id()).unwrap() > 0);
+    }
+}
