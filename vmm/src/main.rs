@@ -1,0 +1,97 @@
+//! `husk-vmm`: boots one microVM from the command line and exits when the guest does.
+//!
+//! Exit status: 0 guest rebooted or powered off; 1 VMM error; 2 bad arguments; 3 guest crash;
+//! 128+N stopped by signal N.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::Parser;
+use husk_vmm::{ConsoleOutput, Vm, VmConfig, VsockConfig};
+
+#[derive(Parser, Debug)]
+#[command(name = "husk-vmm", version, about = "Husk microVM monitor: boots one Linux guest on KVM")]
+struct Cli {
+    /// Guest kernel: an uncompressed ELF vmlinux or a bzImage.
+    #[arg(long)]
+    kernel: PathBuf,
+    /// Initial ramdisk (cpio), e.g. the Husk guest image with the agent as /init.
+    #[arg(long)]
+    initrd: Option<PathBuf>,
+    /// Number of vCPUs.
+    #[arg(long, default_value_t = 1)]
+    vcpus: u8,
+    /// Guest memory in MiB.
+    #[arg(long, default_value_t = 128)]
+    mem_mib: u64,
+    /// Extra kernel command line, appended to the built-in one.
+    #[arg(long)]
+    cmdline: Option<String>,
+    /// Where the guest serial console goes: a file path, `stdout`, or `none`.
+    #[arg(long, default_value = "stdout")]
+    console: String,
+    /// Host side of the virtio-vsock device: a Unix socket (Firecracker-style `CONNECT <port>`).
+    #[arg(long)]
+    vsock_uds: Option<PathBuf>,
+    /// The guest's vsock context id.
+    #[arg(long, default_value_t = 3)]
+    vsock_cid: u64,
+}
+
+fn main() -> ExitCode {
+    let cli = match Cli::try_parse() {
+        Ok(c) => c,
+        Err(e) if !e.use_stderr() => {
+            // --help, --version
+            let _ = e.print();
+            return ExitCode::SUCCESS;
+        }
+        Err(e) => {
+            let msg = e.to_string();
+            let first = msg.lines().next().unwrap_or("invalid arguments");
+            eprintln!("husk-vmm: {}", first.trim_start_matches("error: "));
+            return ExitCode::from(2);
+        }
+    };
+    tracing_subscriber::fmt()
+        .with_writer(std::io::stderr)
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_env("HUSK_LOG")
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
+        )
+        .init();
+
+    let config = VmConfig {
+        kernel: cli.kernel,
+        initrd: cli.initrd,
+        vcpus: cli.vcpus,
+        mem_mib: cli.mem_mib,
+        cmdline_extra: cli.cmdline,
+        console: match cli.console.as_str() {
+            "stdout" => ConsoleOutput::Stdout,
+            "none" => ConsoleOutput::Discard,
+            path => ConsoleOutput::File(path.into()),
+        },
+        vsock: cli.vsock_uds.map(|uds_path| VsockConfig {
+            guest_cid: cli.vsock_cid,
+            uds_path,
+        }),
+    };
+    if let Err(e) = config.validate() {
+        eprintln!("husk-vmm: {e}");
+        return ExitCode::from(2);
+    }
+    let vm = match Vm::new(&config) {
+        Ok(vm) => vm,
+        Err(e) => {
+            eprintln!("husk-vmm: {e}");
+            return ExitCode::from(1);
+        }
+    };
+    let exit = vm.run();
+    tracing::info!("VM ended: {exit}");
+    if let husk_vmm::VmExit::Error(e) = &exit {
+        eprintln!("husk-vmm: {e}");
+    }
+    ExitCode::from(exit.exit_code().clamp(0, 255) as u8)
+}

@@ -1,0 +1,420 @@
+//! A VM: KVM, guest memory, devices, vCPUs and the device event loop, assembled from a `VmConfig`,
+//! run until the guest (or a signal, or an error) ends it.
+
+use std::fs::OpenOptions;
+use std::io::Write;
+use std::os::fd::AsRawFd;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, AtomicI32, Ordering};
+use std::sync::{Arc, Mutex, OnceLock};
+use std::thread::JoinHandle;
+use std::time::Duration;
+
+use event_manager::{EventManager, MutEventSubscriber, SubscriberOps};
+use kvm_bindings::{
+    kvm_pit_config, kvm_userspace_memory_region, KVM_MAX_CPUID_ENTRIES, KVM_PIT_SPEAKER_DUMMY,
+};
+use kvm_ioctls::{Cap, IoEventAddress, Kvm, VmFd};
+use vm_memory::{Address, GuestAddress, GuestMemoryBackend, GuestMemoryRegion};
+use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
+use vmm_sys_util::eventfd::EventFd;
+
+use crate::boot::{self, cpu, BootSpec};
+use crate::config::{ConsoleOutput, VmConfig, BASE_CMDLINE};
+use crate::devices::bus::{Bus, BusDevice};
+use crate::devices::i8042::{I8042, I8042_LEN, I8042_PORT};
+use crate::devices::serial::{SerialConsole, COM1_IRQ, COM1_LEN, COM1_PORT};
+use crate::devices::virtio::mmio::{MmioTransport, MMIO_LEN};
+use crate::devices::virtio::vsock::Vsock;
+use crate::devices::virtio::VirtioDevice;
+use crate::exit::{ExitLatch, VmExit};
+use crate::memory::{
+    create_guest_memory, GuestMemory, KVM_IDENTITY_MAP_ADDR, KVM_TSS_ADDR, VIRTIO_MMIO_START,
+};
+use crate::vcpu::{Vcpu, VcpuHandle};
+
+/// virtio-mmio devices get GSIs from here up (below are the legacy ISA ones: serial on 4).
+const VIRTIO_FIRST_IRQ: u32 = 5;
+const VIRTIO_MMIO_QUEUE_NOTIFY: u64 = 0x50;
+
+type Subscriber = Arc<Mutex<dyn MutEventSubscriber + Send>>;
+
+#[derive(Debug, thiserror::Error)]
+pub enum VmError {
+    #[error(transparent)]
+    Config(#[from] crate::config::ConfigError),
+    #[error("cannot open /dev/kvm: {0} (is KVM available and accessible?)")]
+    KvmOpen(kvm_ioctls::Error),
+    #[error("KVM lacks a required capability: {0:?}")]
+    KvmCapability(Cap),
+    #[error("KVM: {what}: {source}")]
+    Kvm {
+        what: &'static str,
+        source: kvm_ioctls::Error,
+    },
+    #[error(transparent)]
+    Memory(#[from] crate::memory::MemoryError),
+    #[error(transparent)]
+    Boot(#[from] boot::BootError),
+    #[error(transparent)]
+    Cpu(#[from] cpu::CpuError),
+    #[error("cannot open console file {path}: {source}")]
+    Console {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("{what}: {source}")]
+    Io {
+        what: &'static str,
+        source: std::io::Error,
+    },
+    #[error("device bus: {0}")]
+    Bus(#[from] crate::devices::bus::BusError),
+    #[error("kernel command line: {0}")]
+    Cmdline(linux_loader::cmdline::Error),
+    #[error("vsock device: {0}")]
+    Vsock(String),
+    #[error("virtio-mmio transport: {0}")]
+    Transport(String),
+}
+
+fn kvm_err(what: &'static str) -> impl FnOnce(kvm_ioctls::Error) -> VmError {
+    move |source| VmError::Kvm { what, source }
+}
+
+fn io_err(what: &'static str) -> impl FnOnce(std::io::Error) -> VmError {
+    move |source| VmError::Io { what, source }
+}
+
+/// A built VM, ready to run.
+pub struct Vm {
+    // Kept open for the VM's lifetime: the VM and vCPU fds hold references to it.
+    _kvm: Kvm,
+    _vm_fd: VmFd,
+    _mem: GuestMemory,
+    vcpus: Vec<Vcpu>,
+    subscribers: Vec<Subscriber>,
+    exit: Arc<ExitLatch>,
+    reset_evt: EventFd,
+    vsock_uds: Option<PathBuf>,
+}
+
+impl Vm {
+    pub fn new(config: &VmConfig) -> Result<Self, VmError> {
+        config.validate()?;
+        let kvm = Kvm::new().map_err(VmError::KvmOpen)?;
+        for cap in [Cap::Irqchip, Cap::Ioeventfd, Cap::Irqfd, Cap::UserMemory, Cap::Pit2] {
+            if !kvm.check_extension(cap) {
+                return Err(VmError::KvmCapability(cap));
+            }
+        }
+        let vm_fd = kvm.create_vm().map_err(kvm_err("create VM"))?;
+        vm_fd
+            .set_tss_address(KVM_TSS_ADDR as usize)
+            .map_err(kvm_err("set TSS address"))?;
+        vm_fd
+            .set_identity_map_address(KVM_IDENTITY_MAP_ADDR)
+            .map_err(kvm_err("set identity map address"))?;
+        vm_fd.create_irq_chip().map_err(kvm_err("create irqchip"))?;
+        let pit = kvm_pit_config {
+            flags: KVM_PIT_SPEAKER_DUMMY,
+            ..Default::default()
+        };
+        vm_fd.create_pit2(pit).map_err(kvm_err("create PIT"))?;
+
+        let mem = create_guest_memory(config.mem_mib)?;
+        register_memory(&vm_fd, &mem)?;
+
+        let mut pio = Bus::new();
+        let mut mmio = Bus::new();
+        let exit = Arc::new(ExitLatch::new().map_err(io_err("create exit eventfd"))?);
+        let reset_evt = EventFd::new(libc::EFD_NONBLOCK).map_err(io_err("create reset eventfd"))?;
+
+        let console: Box<dyn Write + Send> = match &config.console {
+            ConsoleOutput::Stdout => Box::new(std::io::stdout()),
+            ConsoleOutput::Discard => Box::new(std::io::sink()),
+            ConsoleOutput::File(path) => Box::new(
+                OpenOptions::new()
+                    .create(true)
+                    .append(true)
+                    .open(path)
+                    .map_err(|source| VmError::Console {
+                        path: path.clone(),
+                        source,
+                    })?,
+            ),
+        };
+        let serial_irq = EventFd::new(libc::EFD_NONBLOCK).map_err(io_err("create serial irqfd"))?;
+        vm_fd
+            .register_irqfd(&serial_irq, COM1_IRQ)
+            .map_err(kvm_err("register serial irqfd"))?;
+        pio.insert(
+            Arc::new(Mutex::new(SerialConsole::new(serial_irq, console))),
+            COM1_PORT,
+            COM1_LEN,
+        )?;
+        let reset = reset_evt.try_clone().map_err(io_err("clone reset eventfd"))?;
+        pio.insert(Arc::new(Mutex::new(I8042::new(reset))), I8042_PORT, I8042_LEN)?;
+
+        let mut cmdline = boot::new_cmdline();
+        cmdline.insert_str(BASE_CMDLINE).map_err(VmError::Cmdline)?;
+
+        let mut subscribers: Vec<Subscriber> = Vec::new();
+        let mut virtio_slot = 0u32;
+        if let Some(vs) = &config.vsock {
+            let dev = Vsock::new(vs.guest_cid, vs.uds_path.clone())
+                .map_err(|e| VmError::Vsock(e.to_string()))?;
+            let dev = Arc::new(Mutex::new(dev));
+            attach_virtio(
+                &vm_fd,
+                &mem,
+                &mut mmio,
+                &mut cmdline,
+                virtio_slot,
+                dev.clone(),
+            )?;
+            subscribers.push(dev);
+            virtio_slot += 1;
+        }
+        let _ = virtio_slot;
+
+        if let Some(extra) = &config.cmdline_extra {
+            cmdline.insert_str(extra).map_err(VmError::Cmdline)?;
+        }
+
+        let entry = boot::load(
+            &mem,
+            &BootSpec {
+                kernel: &config.kernel,
+                initrd: config.initrd.as_deref(),
+                cmdline: &cmdline,
+                num_cpus: config.vcpus,
+            },
+        )?;
+        cpu::setup_memory(&mem)?;
+
+        let supported = kvm
+            .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
+            .map_err(kvm_err("get supported CPUID"))?;
+        let mut vcpus = Vec::with_capacity(config.vcpus as usize);
+        for id in 0..config.vcpus {
+            let fd = vm_fd
+                .create_vcpu(id as u64)
+                .map_err(kvm_err("create vCPU"))?;
+            cpu::configure_vcpu(&fd, id, &cpu::vcpu_cpuid(&supported, id, config.vcpus))?;
+            if id == 0 {
+                cpu::configure_boot_vcpu(&fd, entry.entry_addr.raw_value())?;
+            }
+            vcpus.push(Vcpu {
+                id,
+                fd,
+                pio: pio.clone(),
+                mmio: mmio.clone(),
+            });
+        }
+
+        Ok(Vm {
+            _kvm: kvm,
+            _vm_fd: vm_fd,
+            _mem: mem,
+            vcpus,
+            subscribers,
+            exit,
+            reset_evt,
+            vsock_uds: config.vsock.as_ref().map(|v| v.uds_path.clone()),
+        })
+    }
+
+    /// Runs the guest until it ends, then stops every thread and removes the VM's sockets.
+    pub fn run(mut self) -> VmExit {
+        let stop = Arc::new(AtomicBool::new(false));
+        let result = self.run_inner(&stop);
+        if let Some(p) = &self.vsock_uds {
+            let _ = std::fs::remove_file(p);
+        }
+        result
+    }
+
+    fn run_inner(&mut self, stop: &Arc<AtomicBool>) -> VmExit {
+        let signal_evt = match install_termination_signals() {
+            Ok(e) => e,
+            Err(e) => return VmExit::Error(format!("installing signal handlers: {e}")),
+        };
+        let events = match start_event_loop(std::mem::take(&mut self.subscribers), stop.clone()) {
+            Ok(t) => t,
+            Err(e) => return VmExit::Error(format!("starting the device event loop: {e}")),
+        };
+        let mut handles: Vec<VcpuHandle> = Vec::new();
+        for vcpu in self.vcpus.drain(..) {
+            match vcpu.start(self.exit.clone(), stop.clone()) {
+                Ok(h) => handles.push(h),
+                Err(e) => {
+                    self.exit
+                        .set(VmExit::Error(format!("starting a vCPU thread: {e}")));
+                    break;
+                }
+            }
+        }
+
+        let reason = wait_for_exit(&self.exit, &self.reset_evt, signal_evt);
+        stop.store(true, Ordering::Release);
+        for h in handles {
+            h.stop_and_join();
+        }
+        if events.join().is_err() {
+            tracing::error!("the device event loop panicked");
+        }
+        reason
+    }
+}
+
+fn register_memory(vm_fd: &VmFd, mem: &GuestMemory) -> Result<(), VmError> {
+    for (slot, region) in mem.iter().enumerate() {
+        let host = region
+            .get_host_address(vm_memory::MemoryRegionAddress(0))
+            .map_err(|_| VmError::Kvm {
+                what: "guest memory region has no host mapping",
+                source: kvm_ioctls::Error::new(libc::EINVAL),
+            })?;
+        let r = kvm_userspace_memory_region {
+            slot: slot as u32,
+            flags: 0,
+            guest_phys_addr: region.start_addr().raw_value(),
+            memory_size: region.len(),
+            userspace_addr: host as u64,
+        };
+        // SAFETY: the region is a live mmap owned by `mem`, which the Vm keeps alive for as long as
+        // the VM fd exists; the slot and guest range do not overlap any other slot.
+        unsafe { vm_fd.set_user_memory_region(r) }.map_err(kvm_err("register guest memory"))?;
+    }
+    Ok(())
+}
+
+/// Puts a virtio device behind an MMIO transport in `slot`: bus window, queue-notify ioeventfds,
+/// interrupt irqfd and its `virtio_mmio.device=` entry on the kernel command line.
+fn attach_virtio(
+    vm_fd: &VmFd,
+    mem: &GuestMemory,
+    mmio: &mut Bus,
+    cmdline: &mut linux_loader::cmdline::Cmdline,
+    slot: u32,
+    device: Arc<Mutex<dyn VirtioDevice>>,
+) -> Result<(), VmError> {
+    let base = VIRTIO_MMIO_START + slot as u64 * MMIO_LEN;
+    let irq = VIRTIO_FIRST_IRQ + slot;
+    let transport =
+        MmioTransport::new(mem.clone(), device).map_err(|e| VmError::Transport(e.to_string()))?;
+    for (i, evt) in transport.queue_evts().iter().enumerate() {
+        vm_fd
+            .register_ioevent(
+                evt,
+                &IoEventAddress::Mmio(base + VIRTIO_MMIO_QUEUE_NOTIFY),
+                i as u32,
+            )
+            .map_err(kvm_err("register virtio queue ioeventfd"))?;
+    }
+    vm_fd
+        .register_irqfd(transport.interrupt_evt(), irq)
+        .map_err(kvm_err("register virtio irqfd"))?;
+    let transport: Arc<Mutex<dyn BusDevice>> = Arc::new(Mutex::new(transport));
+    mmio.insert(transport, base, MMIO_LEN)?;
+    cmdline
+        .add_virtio_mmio_device(MMIO_LEN, GuestAddress(base), irq, None)
+        .map_err(VmError::Cmdline)?;
+    Ok(())
+}
+
+/// The device event loop: virtio queue notifications and backend sockets, on one thread.
+fn start_event_loop(
+    subscribers: Vec<Subscriber>,
+    stop: Arc<AtomicBool>,
+) -> std::io::Result<JoinHandle<()>> {
+    std::thread::Builder::new()
+        .name("devices".into())
+        .spawn(move || {
+            let mut em = match EventManager::<Subscriber>::new() {
+                Ok(em) => em,
+                Err(e) => {
+                    tracing::error!("cannot create the device event loop: {e:?}");
+                    return;
+                }
+            };
+            for s in subscribers {
+                em.add_subscriber(s);
+            }
+            while !stop.load(Ordering::Acquire) {
+                if let Err(e) = em.run_with_timeout(50) {
+                    tracing::error!("device event loop: {e:?}");
+                    std::thread::sleep(Duration::from_millis(50));
+                }
+            }
+        })
+}
+
+static SIGNAL_EVT: OnceLock<EventFd> = OnceLock::new();
+static LAST_SIGNAL: AtomicI32 = AtomicI32::new(0);
+
+extern "C" fn on_termination_signal(num: libc::c_int, _: *mut libc::siginfo_t, _: *mut libc::c_void) {
+    LAST_SIGNAL.store(num, Ordering::Relaxed);
+    if let Some(evt) = SIGNAL_EVT.get() {
+        let one: u64 = 1;
+        // SAFETY: write(2) is async-signal-safe; the buffer is a valid 8-byte value on our stack and
+        // the eventfd lives in a static that is never dropped.
+        unsafe { libc::write(evt.as_raw_fd(), (&one as *const u64).cast(), 8) };
+    }
+}
+
+/// SIGTERM and SIGINT stop the VM (a hard stop: the guest is not asked). Returns an eventfd that
+/// becomes readable when one arrives.
+fn install_termination_signals() -> std::io::Result<EventFd> {
+    if SIGNAL_EVT.get().is_none() {
+        let _ = SIGNAL_EVT.set(EventFd::new(libc::EFD_NONBLOCK)?);
+    }
+    for sig in [libc::SIGTERM, libc::SIGINT] {
+        vmm_sys_util::signal::register_signal_handler(sig, on_termination_signal)
+            .map_err(|e| std::io::Error::from_raw_os_error(e.errno()))?;
+    }
+    SIGNAL_EVT
+        .get()
+        .ok_or_else(|| std::io::Error::other("signal eventfd missing"))?
+        .try_clone()
+}
+
+/// Blocks until a vCPU reports an exit, the guest resets through the i8042, or a signal arrives.
+fn wait_for_exit(exit: &ExitLatch, reset: &EventFd, signal: EventFd) -> VmExit {
+    let epoll = match Epoll::new() {
+        Ok(e) => e,
+        Err(e) => return VmExit::Error(format!("epoll: {e}")),
+    };
+    for (i, fd) in [exit.event().as_raw_fd(), reset.as_raw_fd(), signal.as_raw_fd()]
+        .into_iter()
+        .enumerate()
+    {
+        if let Err(e) = epoll.ctl(
+            ControlOperation::Add,
+            fd,
+            EpollEvent::new(EventSet::IN, i as u64),
+        ) {
+            return VmExit::Error(format!("epoll add: {e}"));
+        }
+    }
+    let mut ready = [EpollEvent::default(); 3];
+    loop {
+        let n = match epoll.wait(-1, &mut ready) {
+            Ok(n) => n,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+            Err(e) => return VmExit::Error(format!("epoll wait: {e}")),
+        };
+        for ev in &ready[..n] {
+            match ev.data() {
+                0 => {
+                    if let Some(r) = exit.take() {
+                        return r;
+                    }
+                }
+                1 => return VmExit::GuestReset,
+                _ => return VmExit::Signal(LAST_SIGNAL.load(Ordering::Relaxed)),
+            }
+        }
+    }
+}
