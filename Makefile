@@ -35,7 +35,7 @@ build:
 # flag away from build scripts and proc macros).
 agent:
 	RUSTFLAGS='-C target-feature=+crt-static' $(CARGO) build --release --target $(HOST_TARGET) -p husk-agent
-	@file $(AGENT) | grep -q 'statically linked' || { echo "$(AGENT) is not static" >&2; exit 1; }
+	@file $(AGENT) | grep -qE 'static(-pie)? linked' || { echo "$(AGENT) is not static" >&2; exit 1; }
 
 # Guest kernel and the guest image (agent as /init).
 guest: agent build

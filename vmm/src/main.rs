@@ -81,6 +81,7 @@ fn main() -> ExitCode {
         eprintln!("husk-vmm: {e}");
         return ExitCode::from(2);
     }
+    raise_fd_limit();
     let vm = match Vm::new(&config) {
         Ok(vm) => vm,
         Err(e) => {
@@ -94,4 +95,21 @@ fn main() -> ExitCode {
         eprintln!("husk-vmm: {e}");
     }
     ExitCode::from(exit.exit_code().clamp(0, 255) as u8)
+}
+
+/// Each vsock connection holds a host socket; allow as many as the hard limit permits.
+fn raise_fd_limit() {
+    let mut lim = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit/setrlimit only read/write the struct we pass.
+    unsafe {
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) == 0 && lim.rlim_cur < lim.rlim_max {
+            lim.rlim_cur = lim.rlim_max;
+            if libc::setrlimit(libc::RLIMIT_NOFILE, &lim) != 0 {
+                tracing::warn!("cannot raise the open-file limit");
+            }
+        }
+    }
 }

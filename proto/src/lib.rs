@@ -1,0 +1,43 @@
+//! Husk's agent API: the gRPC protocol spoken between the host and
+//! `husk-agent` (PID 1 inside each microVM) over virtio-vsock.
+//!
+//! * [`v1`] holds the generated protobuf messages for package `husk.agent.v1`
+//!   (always), the tonic server (`v1::agent_service_server`, feature `server`)
+//!   and the raw tonic client (`v1::agent_service_client`, feature `client`).
+//! * [`client`] (feature `client`) is the hardened host-side client: it speaks
+//!   the Firecracker-style hybrid vsock handshake (`CONNECT <port>\n` /
+//!   `OK <hostport>\n`) on the VMM's Unix socket, bounds every read and every
+//!   call in time and size, and validates every reply, since the guest is
+//!   untrusted.
+//!
+//! Versioning: see the comments at the top of `agent.proto`. [`API_VERSION`]
+//! is the API revision this crate implements; the agent reports its own in
+//! `PingResponse.api_version` and the client refuses a mismatch.
+
+#![forbid(unsafe_code)]
+
+/// Generated code for protobuf package `husk.agent.v1`.
+pub mod v1 {
+    #![allow(missing_docs, clippy::all, clippy::pedantic)]
+    tonic::include_proto!("husk.agent.v1");
+}
+
+#[cfg(feature = "client")]
+pub mod client;
+
+#[cfg(feature = "test-util")]
+pub mod testing;
+
+/// Revision of the agent API implemented by this crate. Reported by the agent
+/// in `PingResponse.api_version`; the host client requires an exact match.
+pub const API_VERSION: u32 = 1;
+
+/// vsock port on which the agent serves [`v1`]'s `AgentService`.
+pub const AGENT_VSOCK_PORT: u32 = 1024;
+
+/// Upper bound for any single gRPC message, in either direction (4 MiB).
+/// Both the agent's server and the host client enforce it.
+pub const MAX_MESSAGE_SIZE: usize = 4 * 1024 * 1024;
+
+/// Fully qualified gRPC service name, e.g. for logs.
+pub const SERVICE_NAME: &str = "husk.agent.v1.AgentService";
