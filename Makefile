@@ -59,7 +59,7 @@ unit:
 # Everything that boots a VM runs in one test-host boot: the self-test, then the end-to-end tests.
 e2e: guest testhost
 	e2e=$$($(CARGO) test --release -p husk-tests --no-run --message-format=json 2>/dev/null | \
-		jq -r 'select(.profile.test == true and .executable != null) | .executable' | tr '\n' ' '); \
+		jq -r 'select(.profile.test == true and .target.kind == ["test"] and .executable != null) | .executable' | tr '\n' ' '); \
 	$(TESTHOST) tests/run-in-testhost $$e2e
 
 test: deps lint unit e2e

@@ -29,9 +29,21 @@ pub enum InitrdError {
 /// One entry of the archive. Paths are relative to the archive root, without a leading slash.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Entry {
-    Dir { path: String, mode: u32 },
-    File { path: String, mode: u32, source: PathBuf },
-    CharDev { path: String, mode: u32, major: u32, minor: u32 },
+    Dir {
+        path: String,
+        mode: u32,
+    },
+    File {
+        path: String,
+        mode: u32,
+        source: PathBuf,
+    },
+    CharDev {
+        path: String,
+        mode: u32,
+        major: u32,
+        minor: u32,
+    },
 }
 
 /// What the guest image holds besides the agent.
@@ -194,7 +206,13 @@ mod tests {
                 break;
             }
             let e = r.entry();
-            names.push((e.name().to_string(), e.mode(), e.rdev_major(), e.rdev_minor(), e.mtime()));
+            names.push((
+                e.name().to_string(),
+                e.mode(),
+                e.rdev_major(),
+                e.rdev_minor(),
+                e.mtime(),
+            ));
             if e.name() == "init" {
                 assert_eq!(e.file_size() as usize, b"\x7fELF fake agent bytes".len());
             }

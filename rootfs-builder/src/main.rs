@@ -6,7 +6,10 @@ use anyhow::Context;
 use clap::{Parser, Subcommand};
 
 #[derive(Parser)]
-#[command(name = "husk-rootfs-builder", about = "Builds Husk's guest images offline")]
+#[command(
+    name = "husk-rootfs-builder",
+    about = "Builds Husk's guest images offline"
+)]
 struct Cli {
     #[command(subcommand)]
     cmd: Cmd,
@@ -33,7 +36,12 @@ fn main() -> anyhow::Result<()> {
                     .with_context(|| format!("creating {}", dir.display()))?;
             }
             let size = husk_rootfs_builder::initrd::build_guest_initrd(&agent, &out)?;
-            println!("initrd {} ({} KiB, agent {})", out.display(), size / 1024, agent.display());
+            println!(
+                "initrd {} ({} KiB, agent {})",
+                out.display(),
+                size / 1024,
+                agent.display()
+            );
         }
     }
     Ok(())

@@ -13,7 +13,7 @@ pub const MIN_GUEST_CID: u64 = 3;
 /// The base kernel command line; `VmConfig::cmdline_extra` is appended after it.
 /// `reboot=k`: reboot through the i8042, which ends the VM. `panic=-1`: reboot at once on panic.
 pub const BASE_CMDLINE: &str =
-    "console=ttyS0 reboot=k panic=-1 pci=off nomodule random.trust_cpu=on quiet";
+    "console=ttyS0 reboot=k panic=-1 i8042.noaux i8042.nomux i8042.nopnp random.trust_cpu=on quiet";
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum ConsoleOutput {
@@ -124,7 +124,10 @@ mod tests {
         assert_eq!(good().validate(), Ok(()));
         let mut c = good();
         c.kernel = "/nonexistent/vmlinux".into();
-        assert_eq!(c.validate(), Err(ConfigError::KernelMissing(c.kernel.clone())));
+        assert_eq!(
+            c.validate(),
+            Err(ConfigError::KernelMissing(c.kernel.clone()))
+        );
         let mut c = good();
         c.kernel = "/tmp".into();
         assert!(matches!(c.validate(), Err(ConfigError::KernelMissing(_))));

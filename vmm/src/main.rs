@@ -10,7 +10,11 @@ use clap::Parser;
 use husk_vmm::{ConsoleOutput, Vm, VmConfig, VsockConfig};
 
 #[derive(Parser, Debug)]
-#[command(name = "husk-vmm", version, about = "Husk microVM monitor: boots one Linux guest on KVM")]
+#[command(
+    name = "husk-vmm",
+    version,
+    about = "Husk microVM monitor: boots one Linux guest on KVM"
+)]
 struct Cli {
     /// Guest kernel: an uncompressed ELF vmlinux or a bzImage.
     #[arg(long)]

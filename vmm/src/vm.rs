@@ -103,7 +103,13 @@ impl Vm {
     pub fn new(config: &VmConfig) -> Result<Self, VmError> {
         config.validate()?;
         let kvm = Kvm::new().map_err(VmError::KvmOpen)?;
-        for cap in [Cap::Irqchip, Cap::Ioeventfd, Cap::Irqfd, Cap::UserMemory, Cap::Pit2] {
+        for cap in [
+            Cap::Irqchip,
+            Cap::Ioeventfd,
+            Cap::Irqfd,
+            Cap::UserMemory,
+            Cap::Pit2,
+        ] {
             if !kvm.check_extension(cap) {
                 return Err(VmError::KvmCapability(cap));
             }
@@ -153,8 +159,14 @@ impl Vm {
             COM1_PORT,
             COM1_LEN,
         )?;
-        let reset = reset_evt.try_clone().map_err(io_err("clone reset eventfd"))?;
-        pio.insert(Arc::new(Mutex::new(I8042::new(reset))), I8042_PORT, I8042_LEN)?;
+        let reset = reset_evt
+            .try_clone()
+            .map_err(io_err("clone reset eventfd"))?;
+        pio.insert(
+            Arc::new(Mutex::new(I8042::new(reset))),
+            I8042_PORT,
+            I8042_LEN,
+        )?;
 
         let mut cmdline = boot::new_cmdline();
         cmdline.insert_str(BASE_CMDLINE).map_err(VmError::Cmdline)?;
@@ -354,7 +366,11 @@ fn start_event_loop(
 static SIGNAL_EVT: OnceLock<EventFd> = OnceLock::new();
 static LAST_SIGNAL: AtomicI32 = AtomicI32::new(0);
 
-extern "C" fn on_termination_signal(num: libc::c_int, _: *mut libc::siginfo_t, _: *mut libc::c_void) {
+extern "C" fn on_termination_signal(
+    num: libc::c_int,
+    _: *mut libc::siginfo_t,
+    _: *mut libc::c_void,
+) {
     LAST_SIGNAL.store(num, Ordering::Relaxed);
     if let Some(evt) = SIGNAL_EVT.get() {
         let one: u64 = 1;
@@ -386,9 +402,13 @@ fn wait_for_exit(exit: &ExitLatch, reset: &EventFd, signal: EventFd) -> VmExit {
         Ok(e) => e,
         Err(e) => return VmExit::Error(format!("epoll: {e}")),
     };
-    for (i, fd) in [exit.event().as_raw_fd(), reset.as_raw_fd(), signal.as_raw_fd()]
-        .into_iter()
-        .enumerate()
+    for (i, fd) in [
+        exit.event().as_raw_fd(),
+        reset.as_raw_fd(),
+        signal.as_raw_fd(),
+    ]
+    .into_iter()
+    .enumerate()
     {
         if let Err(e) = epoll.ctl(
             ControlOperation::Add,

@@ -70,10 +70,10 @@ fn qemu_boot_to_init(a: &Artifacts) -> anyhow::Result<f64> {
         .arg(&a.kernel)
         .arg("-initrd")
         .arg(&a.marker_initrd)
-        .args([
-            "-append",
-            "console=ttyS0 reboot=t panic=-1 pci=off nomodule random.trust_cpu=on quiet",
-        ])
+        // The same command line husk-vmm gives the guest, except that QEMU's microvm ends on a triple
+        // fault (`-no-reboot`) rather than on the i8042 reset.
+        .arg("-append")
+        .arg(husk_vmm::config::BASE_CMDLINE.replace("reboot=k", "reboot=t"))
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::null())

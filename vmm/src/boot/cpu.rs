@@ -128,10 +128,10 @@ impl GdtEntry {
 }
 
 const GDT: [GdtEntry; 4] = [
-    GdtEntry::new(0, 0, 0),              // null
-    GdtEntry::new(0xa09b, 0, 0xfffff),   // code: 64-bit, present, execute/read
-    GdtEntry::new(0xc093, 0, 0xfffff),   // data: present, read/write
-    GdtEntry::new(0x808b, 0, 0xfffff),   // TSS: present, 64-bit busy TSS
+    GdtEntry::new(0, 0, 0),            // null
+    GdtEntry::new(0xa09b, 0, 0xfffff), // code: 64-bit, present, execute/read
+    GdtEntry::new(0xc093, 0, 0xfffff), // data: present, read/write
+    GdtEntry::new(0x808b, 0, 0xfffff), // TSS: present, 64-bit busy TSS
 ];
 
 /// Adapts KVM's supported CPUID to this vCPU: its APIC id, the CPU count, the hypervisor bit.
@@ -208,7 +208,13 @@ fn set_lvt_mode(lapic: &mut kvm_lapic_state, reg: usize, mode: u32) {
 
 /// Puts the boot CPU in 64-bit mode at `entry`, as the Linux 64-bit boot protocol requires.
 pub fn configure_boot_vcpu(vcpu: &VcpuFd, entry: u64) -> Result<(), CpuError> {
-    let kvm = |what| move |source| CpuError::Kvm { cpu: 0, what, source };
+    let kvm = |what| {
+        move |source| CpuError::Kvm {
+            cpu: 0,
+            what,
+            source,
+        }
+    };
     let fpu = kvm_fpu {
         fcw: 0x37f,
         mxcsr: 0x1f80,
@@ -258,7 +264,10 @@ mod tests {
         assert_eq!(GDT[1].raw(), 0x00af_9b00_0000_ffff);
         assert_eq!(GDT[2].raw(), 0x00cf_9300_0000_ffff);
         let cs = GDT[1].segment(1);
-        assert_eq!((cs.selector, cs.l, cs.db, cs.g, cs.present), (8, 1, 0, 1, 1));
+        assert_eq!(
+            (cs.selector, cs.l, cs.db, cs.g, cs.present),
+            (8, 1, 0, 1, 1)
+        );
         assert_eq!(cs.limit, 0xffff_ffff);
         let tr = GDT[3].segment(3);
         assert_eq!((tr.selector, tr.type_, tr.s), (0x18, 0xb, 0));

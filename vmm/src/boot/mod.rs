@@ -16,8 +16,8 @@ use linux_loader::loader::{BzImage, Cmdline, Elf, KernelLoader};
 use vm_memory::{Address, Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryRegion};
 
 use crate::memory::{
-    GuestMemory, CMDLINE_MAX_SIZE, CMDLINE_START, EBDA_END, HIGH_MEMORY_START,
-    MMIO_GAP_START, MPTABLE_START, ZERO_PAGE_START,
+    GuestMemory, CMDLINE_MAX_SIZE, CMDLINE_START, EBDA_END, HIGH_MEMORY_START, MMIO_GAP_START,
+    MPTABLE_START, ZERO_PAGE_START,
 };
 
 const E820_RAM: u32 = 1;
@@ -33,7 +33,10 @@ const PAGE_SIZE: u64 = 0x1000;
 #[derive(Debug, thiserror::Error)]
 pub enum BootError {
     #[error("cannot open kernel image {path}: {source}")]
-    KernelOpen { path: PathBuf, source: std::io::Error },
+    KernelOpen {
+        path: PathBuf,
+        source: std::io::Error,
+    },
     #[error("cannot load kernel image {path}: {source}")]
     KernelLoad {
         path: PathBuf,
@@ -42,7 +45,10 @@ pub enum BootError {
     #[error("kernel image {path} is neither an ELF vmlinux nor a bzImage")]
     KernelFormat { path: PathBuf },
     #[error("cannot read initrd {path}: {source}")]
-    InitrdRead { path: PathBuf, source: std::io::Error },
+    InitrdRead {
+        path: PathBuf,
+        source: std::io::Error,
+    },
     #[error("initrd {path} ({size} bytes) does not fit in guest memory above the kernel")]
     InitrdTooBig { path: PathBuf, size: u64 },
     #[error("writing the initrd into guest memory: {0}")]
@@ -92,21 +98,31 @@ pub fn load(mem: &GuestMemory, spec: &BootSpec<'_>) -> Result<EntryPoint, BootEr
     };
     let mut params = boot_params::default();
     let (entry_addr, kernel_end) = if magic == *b"\x7fELF" {
-        let r = Elf::load(mem, None, &mut kernel, Some(GuestAddress(HIGH_MEMORY_START)))
-            .map_err(load_err)?;
+        let r = Elf::load(
+            mem,
+            None,
+            &mut kernel,
+            Some(GuestAddress(HIGH_MEMORY_START)),
+        )
+        .map_err(load_err)?;
         let entry = elf_entry(&mut kernel).map_err(|source| BootError::KernelOpen {
             path: path.clone(),
             source,
         })?;
         (GuestAddress(entry), r.kernel_end)
     } else {
-        let r = BzImage::load(mem, None, &mut kernel, Some(GuestAddress(HIGH_MEMORY_START)))
-            .map_err(|e| match e {
-                linux_loader::loader::Error::Bzimage(_) => BootError::KernelFormat {
-                    path: path.clone(),
-                },
-                other => load_err(other),
-            })?;
+        let r = BzImage::load(
+            mem,
+            None,
+            &mut kernel,
+            Some(GuestAddress(HIGH_MEMORY_START)),
+        )
+        .map_err(|e| match e {
+            linux_loader::loader::Error::Bzimage(_) => {
+                BootError::KernelFormat { path: path.clone() }
+            }
+            other => load_err(other),
+        })?;
         if let Some(hdr) = r.setup_header {
             params.hdr = hdr;
         }

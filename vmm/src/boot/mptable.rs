@@ -33,7 +33,10 @@ pub enum MpTableError {
 }
 
 fn checksum(bytes: &[u8]) -> u8 {
-    bytes.iter().fold(0u8, |s, b| s.wrapping_add(*b)).wrapping_neg()
+    bytes
+        .iter()
+        .fold(0u8, |s, b| s.wrapping_add(*b))
+        .wrapping_neg()
 }
 
 /// Builds the MP floating pointer and configuration table for `num_cpus` CPUs, laid out at `base`.
@@ -120,7 +123,10 @@ mod tests {
     fn checksums_and_layout() {
         for cpus in [1, 2, MAX_VCPUS] {
             let t = build(cpus, MPTABLE_START).unwrap();
-            assert!(MPTABLE_START + t.len() as u64 <= EBDA_END, "{cpus} cpus do not fit");
+            assert!(
+                MPTABLE_START + t.len() as u64 <= EBDA_END,
+                "{cpus} cpus do not fit"
+            );
             assert_eq!(&t[0..4], b"_MP_");
             assert_eq!(sum(&t[..16]), 0);
             let len = u16::from_le_bytes([t[20], t[21]]) as usize;

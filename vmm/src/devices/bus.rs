@@ -102,15 +102,23 @@ mod tests {
     #[test]
     fn dispatches_by_range_and_rejects_overlap() {
         let mut bus = Bus::new();
-        bus.insert(Arc::new(Mutex::new(Echo(10))), 0x100, 0x10).unwrap();
-        bus.insert(Arc::new(Mutex::new(Echo(20))), 0x110, 0x10).unwrap();
+        bus.insert(Arc::new(Mutex::new(Echo(10))), 0x100, 0x10)
+            .unwrap();
+        bus.insert(Arc::new(Mutex::new(Echo(20))), 0x110, 0x10)
+            .unwrap();
         assert_eq!(
             bus.insert(Arc::new(Mutex::new(Echo(0))), 0x10f, 2),
-            Err(BusError::Overlap { base: 0x10f, len: 2 })
+            Err(BusError::Overlap {
+                base: 0x10f,
+                len: 2
+            })
         );
         assert_eq!(
             bus.insert(Arc::new(Mutex::new(Echo(0))), u64::MAX, 2),
-            Err(BusError::InvalidRange { base: u64::MAX, len: 2 })
+            Err(BusError::InvalidRange {
+                base: u64::MAX,
+                len: 2
+            })
         );
         let mut b = [0u8; 1];
         assert!(bus.read(0x102, &mut b));
