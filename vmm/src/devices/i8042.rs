@@ -25,6 +25,8 @@ const CMD_RESET_CPU: u8 = 0xfe;
 const SELF_TEST_OK: u8 = 0x55;
 const STATUS_OUTPUT_FULL: u8 = 0x01;
 const STATUS_SYSTEM_FLAG: u8 = 0x04;
+/// Set means the keyboard is *not* inhibited by the keylock.
+const STATUS_UNLOCKED: u8 = 0x10;
 /// Control register after reset: keyboard interrupt on, system flag, translation.
 const CTR_DEFAULT: u8 = 0x45;
 /// The output buffer holds a byte or two on real hardware; a guest cannot make it grow.
@@ -82,7 +84,7 @@ impl BusDevice for I8042 {
                 } else {
                     STATUS_OUTPUT_FULL
                 };
-                STATUS_SYSTEM_FLAG | full
+                STATUS_SYSTEM_FLAG | STATUS_UNLOCKED | full
             }
             _ => 0,
         };

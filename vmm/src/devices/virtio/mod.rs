@@ -1,11 +1,14 @@
-//! Virtio over MMIO: the transport and the devices (vsock).
+//! Virtio over MMIO: the transport and the devices (block, net, vsock).
 //!
 //! The split is the usual one: [`mmio::MmioTransport`] owns everything the guest driver programs
 //! through registers (status, features, queue addresses) and hands a device implementing
 //! [`VirtioDevice`] its ready queues on `DRIVER_OK`. Devices signal the guest through the shared
 //! [`IrqTrigger`].
 
+pub mod block;
+pub mod chain;
 pub mod mmio;
+pub mod net;
 #[cfg(test)]
 pub(crate) mod test_utils;
 pub mod vsock;

@@ -8,8 +8,8 @@
 use std::ops::Deref;
 
 use virtio_queue::DescriptorChain;
-use vm_memory::{Address, Bytes, GuestAddress, GuestMemory as _, GuestMemoryError, Permissions};
 
+use super::super::chain::{self, ChainError, GuestBufs};
 use super::super::GuestMemory;
 
 /// Size of `struct virtio_vsock_hdr`.
@@ -75,10 +75,17 @@ pub enum PacketError {
     Memory { addr: u64, reason: String },
 }
 
-fn mem_err(addr: GuestAddress, e: GuestMemoryError) -> PacketError {
-    PacketError::Memory {
-        addr: addr.0,
-        reason: e.to_string(),
+impl From<ChainError> for PacketError {
+    fn from(e: ChainError) -> Self {
+        match e {
+            ChainError::Empty => Self::EmptyChain,
+            ChainError::ZeroLength { position } => Self::ZeroLength { position },
+            ChainError::OutOfRange { addr, len } => Self::OutOfRange { addr, len },
+            ChainError::Loop(i) => Self::Loop(i),
+            ChainError::TooLong { .. } => Self::TooLong,
+            ChainError::Truncated => Self::Truncated,
+            ChainError::Memory { addr, reason } => Self::Memory { addr, reason },
+        }
     }
 }
 
@@ -135,8 +142,7 @@ impl Header {
 /// The validated buffers of one descriptor chain, all of one direction.
 #[derive(Debug)]
 pub struct Segments {
-    segs: Vec<(GuestAddress, u32)>,
-    total: u64,
+    bufs: GuestBufs,
 }
 
 impl Segments {
@@ -151,86 +157,23 @@ impl Segments {
         M: Deref,
         M::Target: vm_memory::GuestMemory,
     {
-        let mut visited = vec![chain.head_index()];
-        let mut segs = Vec::with_capacity(2);
-        let mut total = 0u64;
-        let mut complete = false;
-        for desc in chain {
-            if segs.len() == MAX_CHAIN_DESCS {
-                return Err(PacketError::TooLong);
-            }
-            if desc.is_write_only() != writable {
+        let descs = chain::walk(chain, mem, MAX_CHAIN_DESCS)?;
+        let mut bufs = GuestBufs::new();
+        for d in &descs {
+            if d.writable != writable {
                 return Err(if writable {
                     PacketError::UnexpectedReadable
                 } else {
                     PacketError::UnexpectedWritable
                 });
             }
-            if desc.len() == 0 {
-                return Err(PacketError::ZeroLength {
-                    position: segs.len(),
-                });
-            }
-            let perm = if writable {
-                Permissions::Write
-            } else {
-                Permissions::Read
-            };
-            if !mem.check_range(desc.addr(), desc.len() as usize, perm) {
-                return Err(PacketError::OutOfRange {
-                    addr: desc.addr().0,
-                    len: desc.len(),
-                });
-            }
-            segs.push((desc.addr(), desc.len()));
-            total += u64::from(desc.len());
-            if !desc.has_next() {
-                complete = true;
-                break;
-            }
-            // virtio-queue bounds the walk by the queue size; we also reject revisits outright.
-            if visited.contains(&desc.next()) {
-                return Err(PacketError::Loop(desc.next()));
-            }
-            visited.push(desc.next());
+            bufs.push(d);
         }
-        match (complete, segs.is_empty()) {
-            (true, _) => Ok(Self { segs, total }),
-            (false, true) => Err(PacketError::EmptyChain),
-            (false, false) => Err(PacketError::Truncated),
-        }
+        Ok(Self { bufs })
     }
 
     pub fn total(&self) -> u64 {
-        self.total
-    }
-
-    /// Calls `f(guest_addr, buf_range)` for each piece of `[offset, offset+len)` in the chain.
-    fn for_each_piece(
-        &self,
-        offset: u64,
-        len: usize,
-        mut f: impl FnMut(GuestAddress, std::ops::Range<usize>) -> Result<(), PacketError>,
-    ) -> Result<(), PacketError> {
-        let end = offset + len as u64;
-        debug_assert!(end <= self.total);
-        let mut seg_start = 0u64;
-        let mut done = 0usize;
-        for &(addr, seg_len) in &self.segs {
-            let seg_end = seg_start + u64::from(seg_len);
-            let from = offset.max(seg_start);
-            let to = end.min(seg_end);
-            if from < to {
-                let n = (to - from) as usize;
-                f(addr.unchecked_add(from - seg_start), done..done + n)?;
-                done += n;
-            }
-            if seg_end >= end {
-                break;
-            }
-            seg_start = seg_end;
-        }
-        Ok(())
+        self.bufs.total()
     }
 
     /// Reads `buf.len()` bytes at `offset` of the chain. The caller keeps within `total()`.
@@ -240,18 +183,12 @@ impl Segments {
         offset: u64,
         buf: &mut [u8],
     ) -> Result<(), PacketError> {
-        let len = buf.len();
-        self.for_each_piece(offset, len, |addr, r| {
-            mem.read_slice(&mut buf[r], addr)
-                .map_err(|e| mem_err(addr, e))
-        })
+        Ok(self.bufs.read_at(mem, offset, buf)?)
     }
 
     /// Writes `buf` at `offset` of the chain. The caller keeps within `total()`.
     pub fn write_at(&self, mem: &GuestMemory, offset: u64, buf: &[u8]) -> Result<(), PacketError> {
-        self.for_each_piece(offset, buf.len(), |addr, r| {
-            mem.write_slice(&buf[r], addr).map_err(|e| mem_err(addr, e))
-        })
+        Ok(self.bufs.write_at(mem, offset, buf)?)
     }
 }
 
@@ -376,6 +313,7 @@ mod tests {
         test_memory, GuestQueue, VRING_DESC_F_NEXT, VRING_DESC_F_WRITE,
     };
     use virtio_queue::QueueT;
+    use vm_memory::{Bytes, GuestAddress};
 
     const CID: u64 = 3;
 

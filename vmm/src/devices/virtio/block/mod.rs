@@ -1,0 +1,447 @@
+//! virtio-blk device (ID 2) backed by a raw image file (or a host block device).
+//!
+//! One request queue. Requests (IN, OUT, FLUSH, GET_ID) are executed synchronously on the event
+//! loop thread when the guest notifies the queue: simple and good enough for a sandbox's root and
+//! scratch disks, but a slow host disk stalls the other devices on that loop for the duration of
+//! one batch. Moving I/O to a worker thread or io_uring is the obvious next step.
+//!
+//! Threading and event registration follow the vsock device: the transport calls
+//! [`VirtioDevice`] methods from vCPU threads, the event loop calls [`MutEventSubscriber`]
+//! methods, both through the same `Mutex<Block>`; activation and reset kick `ctl_evt` and the
+//! event loop (un)registers the queue eventfd.
+
+mod request;
+#[cfg(test)]
+mod tests;
+
+use std::fs::OpenOptions;
+use std::io::{self, Seek, SeekFrom};
+use std::path::{Path, PathBuf};
+
+use event_manager::{EventOps, Events, MutEventSubscriber};
+use tracing::{debug, warn};
+use virtio_bindings::virtio_blk::{
+    VIRTIO_BLK_F_BLK_SIZE, VIRTIO_BLK_F_FLUSH, VIRTIO_BLK_F_RO, VIRTIO_BLK_F_SEG_MAX,
+};
+use virtio_queue::{Queue, QueueT};
+use vmm_sys_util::epoll::EventSet;
+use vmm_sys_util::eventfd::EventFd;
+
+use super::chain;
+use super::{
+    read_config_bytes, ActivateError, GuestMemory, IrqTrigger, VirtioDevice, VIRTIO_F_VERSION_1,
+    VIRTIO_MMIO_INT_VRING,
+};
+use request::{Disk, Kind, Malformed, RequestChain};
+pub use request::{ID_LEN, MAX_DATA_LEN, SECTOR_SIZE};
+
+/// Virtio device ID of block devices.
+pub const BLOCK_DEVICE_ID: u32 = 2;
+/// Size of the request queue.
+pub const QUEUE_SIZE: u16 = 256;
+/// Data segments per request we advertise (`seg_max`): the queue minus header and status.
+pub const SEG_MAX: u32 = QUEUE_SIZE as u32 - 2;
+/// Longest chain we accept: header + `SEG_MAX` data descriptors + status.
+const MAX_CHAIN_DESCS: usize = SEG_MAX as usize + 2;
+const QUEUE_SIZES: [u16; 1] = [QUEUE_SIZE];
+/// Bytes of `struct virtio_blk_config` we expose: capacity, size_max, seg_max, geometry,
+/// blk_size.
+const CONFIG_LEN: usize = 24;
+
+// Event-manager data tags.
+const EV_CTL: u32 = 0;
+const EV_QUEUE: u32 = 1;
+
+/// What the block device is backed by.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct BlockConfig {
+    /// Raw image file or block device.
+    pub path: PathBuf,
+    /// Open read-only and offer `VIRTIO_BLK_F_RO`; guest writes fail with IOERR.
+    pub read_only: bool,
+    /// Serial number the guest reads with GET_ID (`/sys/block/vdX/serial`), at most 20 bytes.
+    pub id: Option<String>,
+}
+
+/// Errors creating the block device.
+#[derive(Debug, thiserror::Error)]
+pub enum BlockError {
+    #[error("cannot open disk image {path}: {source}")]
+    Open {
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+    #[error("cannot determine the size of disk image {path}: {source}")]
+    Size {
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+    #[error("size of disk image {path} ({size} bytes) is not a multiple of {SECTOR_SIZE} bytes")]
+    UnalignedSize { path: PathBuf, size: u64 },
+    #[error("block device id {id:?} is {len} bytes long; at most {ID_LEN} are allowed")]
+    IdTooLong { id: String, len: usize },
+    #[error("cannot create {what}: {source}")]
+    Sys {
+        what: &'static str,
+        #[source]
+        source: io::Error,
+    },
+}
+
+/// Request and error counters.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct BlockStats {
+    pub reads: u64,
+    pub writes: u64,
+    pub flushes: u64,
+    pub get_ids: u64,
+    pub read_bytes: u64,
+    pub write_bytes: u64,
+    /// Requests answered with IOERR (bad layout, out of bounds, read-only, host I/O errors).
+    pub failed: u64,
+    /// Requests answered with UNSUPP.
+    pub unsupported: u64,
+    /// Chains without a usable status byte, returned with used length 0.
+    pub malformed: u64,
+}
+
+/// State that exists only between activation and reset.
+struct Active {
+    mem: GuestMemory,
+    queue: Queue,
+    evt: EventFd,
+    irq: IrqTrigger,
+}
+
+pub struct Block {
+    path: PathBuf,
+    disk: Disk,
+    avail_features: u64,
+    acked_features: u64,
+    config: [u8; CONFIG_LEN],
+    ctl_evt: EventFd,
+    active: Option<Active>,
+    /// Queue eventfd clone currently registered with the event manager.
+    registered: Option<EventFd>,
+    stats: BlockStats,
+}
+
+impl Block {
+    /// Opens the backing file and builds the device.
+    pub fn new(cfg: BlockConfig) -> Result<Self, BlockError> {
+        let mut id = [0u8; ID_LEN];
+        if let Some(s) = &cfg.id {
+            if s.len() > ID_LEN {
+                return Err(BlockError::IdTooLong {
+                    id: s.clone(),
+                    len: s.len(),
+                });
+            }
+            id[..s.len()].copy_from_slice(s.as_bytes());
+        }
+        let mut file = OpenOptions::new()
+            .read(true)
+            .write(!cfg.read_only)
+            .open(&cfg.path)
+            .map_err(|source| BlockError::Open {
+                path: cfg.path.clone(),
+                source,
+            })?;
+        // Seeking to the end also works for block devices, whose metadata length is 0.
+        let size = file
+            .seek(SeekFrom::End(0))
+            .map_err(|source| BlockError::Size {
+                path: cfg.path.clone(),
+                source,
+            })?;
+        if !size.is_multiple_of(SECTOR_SIZE) {
+            return Err(BlockError::UnalignedSize {
+                path: cfg.path,
+                size,
+            });
+        }
+        let capacity = size / SECTOR_SIZE;
+        let ctl_evt = EventFd::new(libc::EFD_NONBLOCK).map_err(|source| BlockError::Sys {
+            what: "block control eventfd",
+            source,
+        })?;
+        let mut avail_features = (1u64 << VIRTIO_F_VERSION_1)
+            | (1 << VIRTIO_BLK_F_FLUSH)
+            | (1 << VIRTIO_BLK_F_SEG_MAX)
+            | (1 << VIRTIO_BLK_F_BLK_SIZE);
+        if cfg.read_only {
+            avail_features |= 1 << VIRTIO_BLK_F_RO;
+        }
+        let mut config = [0u8; CONFIG_LEN];
+        config[0..8].copy_from_slice(&capacity.to_le_bytes());
+        // size_max (8..12) and geometry (16..20) are not offered and stay 0.
+        config[12..16].copy_from_slice(&SEG_MAX.to_le_bytes());
+        config[20..24].copy_from_slice(&(SECTOR_SIZE as u32).to_le_bytes());
+        Ok(Self {
+            path: cfg.path,
+            disk: Disk {
+                file,
+                capacity,
+                read_only: cfg.read_only,
+                id,
+            },
+            avail_features,
+            acked_features: 0,
+            config,
+            ctl_evt,
+            active: None,
+            registered: None,
+            stats: BlockStats::default(),
+        })
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// Disk size in 512-byte sectors.
+    pub fn capacity(&self) -> u64 {
+        self.disk.capacity
+    }
+
+    pub fn is_read_only(&self) -> bool {
+        self.disk.read_only
+    }
+
+    pub fn is_active(&self) -> bool {
+        self.active.is_some()
+    }
+
+    /// Features the driver accepted.
+    pub fn acked_features(&self) -> u64 {
+        self.acked_features
+    }
+
+    pub fn stats(&self) -> BlockStats {
+        self.stats
+    }
+
+    /// Executes every available request, then interrupts the guest once.
+    pub fn process_queue(&mut self) {
+        let Some(a) = self.active.as_mut() else {
+            return;
+        };
+        let mut used = false;
+        while let Some(chain) = a.queue.pop_descriptor_chain(&a.mem) {
+            let head = chain.head_index();
+            let len = handle_chain(&self.disk, &mut self.stats, &a.mem, chain);
+            if let Err(e) = a.queue.add_used(&a.mem, head, len) {
+                warn!(head, "virtio-blk: cannot add used descriptor: {e}");
+            }
+            used = true;
+        }
+        if used && a.queue.needs_notification(&a.mem).unwrap_or(true) {
+            if let Err(e) = a.irq.trigger(VIRTIO_MMIO_INT_VRING) {
+                warn!("virtio-blk: cannot signal used ring: {e}");
+            }
+        }
+    }
+
+    /// Makes the event manager watch exactly what the current state needs.
+    fn sync_registrations(&mut self, ops: &mut EventOps) {
+        if let Some(evt) = self.registered.take() {
+            if let Err(e) = ops.remove(Events::empty(&evt)) {
+                warn!("virtio-blk: cannot unregister queue eventfd: {e:?}");
+            }
+        }
+        let Some(a) = self.active.as_ref() else {
+            return;
+        };
+        match a.evt.try_clone() {
+            Ok(clone) => match ops.add(Events::with_data(&clone, EV_QUEUE, EventSet::IN)) {
+                Ok(()) => self.registered = Some(clone),
+                Err(e) => warn!("virtio-blk: cannot register queue eventfd: {e:?}"),
+            },
+            Err(e) => warn!("virtio-blk: cannot clone queue eventfd: {e}"),
+        }
+        // The driver may have queued requests before we were watching.
+        self.process_queue();
+    }
+}
+
+/// Validates and executes one chain; returns the used length.
+fn handle_chain<M>(
+    disk: &Disk,
+    stats: &mut BlockStats,
+    mem: &GuestMemory,
+    chain: virtio_queue::DescriptorChain<M>,
+) -> u32
+where
+    M: std::ops::Deref,
+    M::Target: vm_memory::GuestMemory,
+{
+    let rc = match chain::walk(chain, mem, MAX_CHAIN_DESCS)
+        .map_err(Malformed::from)
+        .and_then(|descs| RequestChain::new(&descs))
+    {
+        Ok(rc) => rc,
+        Err(e) => {
+            record_malformed(stats, &e);
+            return 0;
+        }
+    };
+    let Some(status_addr) = rc.status_addr() else {
+        record_malformed(stats, &Malformed::NoStatus);
+        return 0;
+    };
+    let (status, data_len) = match disk.execute(mem, &rc) {
+        Ok(done) => {
+            match done.kind {
+                Kind::Read => {
+                    stats.reads += 1;
+                    stats.read_bytes += done.bytes;
+                }
+                Kind::Write => {
+                    stats.writes += 1;
+                    stats.write_bytes += done.bytes;
+                }
+                Kind::Flush => stats.flushes += 1,
+                Kind::GetId => stats.get_ids += 1,
+            }
+            (request::status_ok(), done.to_guest)
+        }
+        Err(e) => {
+            match e {
+                request::RequestError::Unsupported(_) => stats.unsupported += 1,
+                _ => stats.failed += 1,
+            }
+            log_failure(stats.failed + stats.unsupported, &e);
+            (e.status(), 0)
+        }
+    };
+    if !request::write_status(mem, status_addr, status) {
+        // Cannot happen for a validated chain (its memory was checked), but never trust it.
+        record_malformed(stats, &Malformed::NoStatus);
+        return 0;
+    }
+    data_len.saturating_add(1)
+}
+
+/// The first few problems loudly, then quietly, so a hostile guest cannot flood the host log.
+const LOUD: u64 = 16;
+
+fn record_malformed(stats: &mut BlockStats, e: &Malformed) {
+    stats.malformed += 1;
+    let n = stats.malformed;
+    if n <= LOUD || n.is_power_of_two() {
+        warn!(
+            dropped = n,
+            "virtio-blk: dropping malformed descriptor chain: {e}"
+        );
+    } else {
+        debug!("virtio-blk: dropping malformed descriptor chain: {e}");
+    }
+}
+
+fn log_failure(n: u64, e: &request::RequestError) {
+    if n <= LOUD || n.is_power_of_two() {
+        warn!(failed = n, "virtio-blk: request failed: {e}");
+    } else {
+        debug!("virtio-blk: request failed: {e}");
+    }
+}
+
+impl VirtioDevice for Block {
+    fn device_type(&self) -> u32 {
+        BLOCK_DEVICE_ID
+    }
+
+    fn avail_features(&self) -> u64 {
+        self.avail_features
+    }
+
+    fn ack_features(&mut self, features: u64) {
+        self.acked_features = features & self.avail_features;
+    }
+
+    fn queue_max_sizes(&self) -> &[u16] {
+        &QUEUE_SIZES
+    }
+
+    fn read_config(&self, offset: u64, data: &mut [u8]) {
+        read_config_bytes(&self.config, offset, data);
+    }
+
+    fn write_config(&mut self, offset: u64, data: &[u8]) {
+        // Only `writeback` (with VIRTIO_BLK_F_CONFIG_WCE) is writable, and we do not offer it.
+        debug!(
+            offset,
+            len = data.len(),
+            "virtio-blk: ignoring write to read-only config"
+        );
+    }
+
+    fn activate(
+        &mut self,
+        mem: GuestMemory,
+        mut queues: Vec<Queue>,
+        mut queue_evts: Vec<EventFd>,
+        interrupt: IrqTrigger,
+    ) -> Result<(), ActivateError> {
+        if self.active.is_some() {
+            return Err(ActivateError::AlreadyActive);
+        }
+        if queues.len() != 1 || queue_evts.len() != 1 {
+            return Err(ActivateError::QueueCount {
+                expected: 1,
+                got: queues.len().min(queue_evts.len()),
+            });
+        }
+        let (Some(queue), Some(evt)) = (queues.pop(), queue_evts.pop()) else {
+            return Err(ActivateError::QueueCount {
+                expected: 1,
+                got: 0,
+            });
+        };
+        if !queue.ready() {
+            return Err(ActivateError::QueueNotReady(0));
+        }
+        self.ctl_evt.write(1).map_err(ActivateError::EventFd)?;
+        self.active = Some(Active {
+            mem,
+            queue,
+            evt,
+            irq: interrupt,
+        });
+        Ok(())
+    }
+
+    fn reset(&mut self) {
+        self.active = None;
+        self.acked_features = 0;
+        if let Err(e) = self.ctl_evt.write(1) {
+            warn!("virtio-blk: cannot signal reset to the event loop: {e}");
+        }
+    }
+}
+
+impl MutEventSubscriber for Block {
+    fn init(&mut self, ops: &mut EventOps) {
+        if let Err(e) = ops.add(Events::with_data(&self.ctl_evt, EV_CTL, EventSet::IN)) {
+            warn!("virtio-blk: cannot register control eventfd: {e:?}");
+        }
+    }
+
+    fn process(&mut self, events: Events, ops: &mut EventOps) {
+        match events.data() {
+            EV_CTL => {
+                let _ = self.ctl_evt.read();
+                self.sync_registrations(ops);
+            }
+            EV_QUEUE => {
+                if let Some(evt) = &self.registered {
+                    let _ = evt.read();
+                }
+                self.process_queue();
+            }
+            other => debug!(data = other, "virtio-blk: event with unknown tag"),
+        }
+    }
+}

@@ -1,0 +1,860 @@
+//! virtio-net device (ID 1) with a TAP backend.
+//!
+//! * tx: each chain (12-byte `virtio_net_hdr_v1` + frame, device-readable) is gathered into a
+//!   fixed 65562-byte buffer and written to the tap in one `write`; the tap applies the header
+//!   (checksum offload, TSO) itself. Oversized or malformed chains are dropped and counted.
+//! * rx: we read from the tap only when the guest has posted an rx buffer. With
+//!   `VIRTIO_NET_F_MRG_RXBUF` (offered, and what Linux negotiates) a frame may span several
+//!   buffers, so the guest can post small (page-sized) buffers and still receive 64 KiB TSO
+//!   frames; without it a frame must fit one buffer or is dropped. When buffers run out we keep
+//!   the frame we hold, stop polling the tap for input (the tap queues, then drops, further
+//!   frames) and resume on the next rx queue notification.
+//! * The guest is interrupted at most once per batch and queue.
+//!
+//! Threading and event registration follow the vsock device: the transport calls
+//! [`VirtioDevice`] methods from vCPU threads, the event loop calls [`MutEventSubscriber`]
+//! methods, both through the same `Mutex<Net>`; activation and reset kick `ctl_evt` and the
+//! event loop (un)registers the queue eventfds and the tap.
+
+mod tap;
+#[cfg(test)]
+mod tests;
+
+use std::collections::VecDeque;
+use std::fs::File;
+use std::io::{self, Read};
+use std::path::PathBuf;
+
+use event_manager::{EventOps, Events, MutEventSubscriber};
+use tracing::{debug, warn};
+use virtio_bindings::virtio_net::{
+    VIRTIO_NET_F_CSUM, VIRTIO_NET_F_GUEST_CSUM, VIRTIO_NET_F_GUEST_TSO4, VIRTIO_NET_F_GUEST_TSO6,
+    VIRTIO_NET_F_HOST_TSO4, VIRTIO_NET_F_HOST_TSO6, VIRTIO_NET_F_MAC, VIRTIO_NET_F_MRG_RXBUF,
+    VIRTIO_NET_F_STATUS, VIRTIO_NET_HDR_F_DATA_VALID, VIRTIO_NET_HDR_F_NEEDS_CSUM,
+    VIRTIO_NET_S_LINK_UP,
+};
+use virtio_queue::{Queue, QueueOwnedT, QueueT};
+use vmm_sys_util::epoll::EventSet;
+use vmm_sys_util::eventfd::EventFd;
+
+use super::chain::{self, ChainError, GuestBufs};
+use super::{
+    read_config_bytes, ActivateError, GuestMemory, IrqTrigger, VirtioDevice, VIRTIO_F_VERSION_1,
+    VIRTIO_MMIO_INT_VRING,
+};
+pub use tap::{Tap, TapError, VNET_HDR_LEN};
+
+/// Virtio device ID of network devices.
+pub const NET_DEVICE_ID: u32 = 1;
+/// Size of the rx and tx queues.
+pub const QUEUE_SIZE: u16 = 256;
+/// Largest frame including the vnet header: a 64 KiB GSO payload plus Ethernet header.
+pub const MAX_FRAME_LEN: usize = VNET_HDR_LEN + 14 + 65536;
+/// Longest chain we accept. Linux uses up to MAX_SKB_FRAGS + 2 descriptors for tx.
+pub const MAX_CHAIN_DESCS: usize = 64;
+/// Frames read from the tap per wakeup before yielding to the other devices (epoll is
+/// level-triggered, so we are called again if more are queued).
+const RX_BATCH: usize = 256;
+const RXQ: usize = 0;
+const TXQ: usize = 1;
+const NUM_QUEUES: usize = 2;
+const QUEUE_SIZES: [u16; NUM_QUEUES] = [QUEUE_SIZE; NUM_QUEUES];
+const CONFIG_LEN: usize = 8;
+
+// virtio_net_hdr gso_type values.
+const GSO_NONE: u8 = 0;
+const GSO_TCPV4: u8 = 1;
+const GSO_TCPV6: u8 = 4;
+const GSO_ECN: u8 = 0x80;
+
+// Event-manager data tags.
+const EV_CTL: u32 = 0;
+const EV_RXQ: u32 = 1;
+const EV_TXQ: u32 = 2;
+const EV_TAP: u32 = 3;
+
+/// Where the device's frames go.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct NetConfig {
+    /// TAP interface to attach to (created, non-persistent, if it does not exist).
+    pub tap_name: String,
+    /// Guest MAC address; a random locally administered one if `None`.
+    pub mac: Option<[u8; 6]>,
+    /// Network namespace (e.g. `/var/run/netns/NAME` or `/proc/PID/ns/net`) to find the tap in.
+    pub netns: Option<PathBuf>,
+}
+
+/// Errors creating the network device.
+#[derive(Debug, thiserror::Error)]
+pub enum NetError {
+    #[error(transparent)]
+    Tap(#[from] TapError),
+    #[error("MAC address {0} is multicast; a guest NIC needs a unicast address")]
+    MulticastMac(String),
+    #[error("cannot create {what}: {source}")]
+    Sys {
+        what: &'static str,
+        #[source]
+        source: io::Error,
+    },
+}
+
+/// Frame and error counters.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct NetStats {
+    pub tx_frames: u64,
+    pub tx_bytes: u64,
+    /// Well-formed chains whose frame was not sent: too large, a header using an offload the
+    /// driver did not negotiate, or the tap refused it (e.g. link down).
+    pub tx_dropped: u64,
+    /// Malformed tx chains (bad descriptors, device-writable buffers, shorter than the header).
+    pub tx_malformed: u64,
+    pub rx_frames: u64,
+    pub rx_bytes: u64,
+    /// Frames read from the tap that did not fit the guest's buffers (or were runts).
+    pub rx_dropped: u64,
+    /// Malformed rx chains, returned with used length 0.
+    pub rx_malformed: u64,
+}
+
+/// State that exists only between activation and reset.
+struct Active {
+    mem: GuestMemory,
+    queues: Vec<Queue>,
+    evts: Vec<EventFd>,
+    irq: IrqTrigger,
+}
+
+/// A validated rx buffer taken from the queue but not yet returned.
+struct RxChain {
+    head: u16,
+    bufs: GuestBufs,
+}
+
+struct Rx {
+    /// The frame read from the tap and not yet delivered: `frame[..pending]`.
+    frame: Box<[u8]>,
+    pending: usize,
+    /// Buffers popped from the rx queue, in order, waiting for a frame.
+    reserved: VecDeque<RxChain>,
+    reserved_bytes: u64,
+    /// The guest has no buffers for us: do not poll the tap for input.
+    stalled: bool,
+}
+
+struct Tx {
+    buf: Box<[u8]>,
+    /// The tap returned EAGAIN: wait for it to become writable.
+    blocked: bool,
+}
+
+pub struct Net {
+    tap: Tap,
+    mac: [u8; 6],
+    config: [u8; CONFIG_LEN],
+    avail_features: u64,
+    acked_features: u64,
+    ctl_evt: EventFd,
+    active: Option<Active>,
+    /// Queue eventfd clones currently registered with the event manager (by index).
+    registered: Vec<EventFd>,
+    /// The tap's current registration with the event manager, if any.
+    tap_events: Option<EventSet>,
+    /// The tap reported an error (e.g. the interface was deleted); it is no longer polled.
+    tap_failed: bool,
+    rx: Rx,
+    tx: Tx,
+    stats: NetStats,
+    log_count: u64,
+}
+
+impl Net {
+    /// Opens the tap and builds the device.
+    pub fn new(cfg: NetConfig) -> Result<Self, NetError> {
+        let mac = match cfg.mac {
+            Some(mac) if mac[0] & 1 != 0 => return Err(NetError::MulticastMac(fmt_mac(&mac))),
+            Some(mac) => mac,
+            None => random_mac()?,
+        };
+        let tap = Tap::open(&cfg.tap_name, cfg.netns.as_deref())?;
+        let ctl_evt = EventFd::new(libc::EFD_NONBLOCK).map_err(|source| NetError::Sys {
+            what: "net control eventfd",
+            source,
+        })?;
+        let mut config = [0u8; CONFIG_LEN];
+        config[..6].copy_from_slice(&mac);
+        config[6..8].copy_from_slice(&(VIRTIO_NET_S_LINK_UP as u16).to_le_bytes());
+        let avail_features = [
+            VIRTIO_F_VERSION_1,
+            VIRTIO_NET_F_CSUM,
+            VIRTIO_NET_F_GUEST_CSUM,
+            VIRTIO_NET_F_MAC,
+            VIRTIO_NET_F_GUEST_TSO4,
+            VIRTIO_NET_F_GUEST_TSO6,
+            VIRTIO_NET_F_HOST_TSO4,
+            VIRTIO_NET_F_HOST_TSO6,
+            VIRTIO_NET_F_MRG_RXBUF,
+            VIRTIO_NET_F_STATUS,
+        ]
+        .iter()
+        .fold(0u64, |f, &bit| f | (1 << bit));
+        Ok(Self {
+            tap,
+            mac,
+            config,
+            avail_features,
+            acked_features: 0,
+            ctl_evt,
+            active: None,
+            registered: Vec::new(),
+            tap_events: None,
+            tap_failed: false,
+            rx: Rx {
+                frame: vec![0u8; MAX_FRAME_LEN].into_boxed_slice(),
+                pending: 0,
+                reserved: VecDeque::new(),
+                reserved_bytes: 0,
+                stalled: false,
+            },
+            tx: Tx {
+                buf: vec![0u8; MAX_FRAME_LEN].into_boxed_slice(),
+                blocked: false,
+            },
+            stats: NetStats::default(),
+            log_count: 0,
+        })
+    }
+
+    /// The guest's MAC address.
+    pub fn mac(&self) -> [u8; 6] {
+        self.mac
+    }
+
+    /// The tap interface name.
+    pub fn tap_name(&self) -> &str {
+        self.tap.name()
+    }
+
+    pub fn is_active(&self) -> bool {
+        self.active.is_some()
+    }
+
+    pub fn acked_features(&self) -> u64 {
+        self.acked_features
+    }
+
+    pub fn stats(&self) -> NetStats {
+        self.stats
+    }
+
+    /// Whether the device currently wants to read from the tap (false under rx backpressure).
+    pub fn wants_tap_input(&self) -> bool {
+        self.active.is_some() && !self.rx.stalled && !self.tap_failed
+    }
+
+    fn has(&self, bit: u32) -> bool {
+        self.acked_features & (1 << bit) != 0
+    }
+
+    fn log(&mut self, msg: std::fmt::Arguments) {
+        self.log_count += 1;
+        if self.log_count <= 16 || self.log_count.is_power_of_two() {
+            warn!(events = self.log_count, "virtio-net: {msg}");
+        } else {
+            debug!("virtio-net: {msg}");
+        }
+    }
+
+    /// Sends every frame the guest queued, then interrupts it once.
+    pub fn process_tx(&mut self) {
+        let acked = self.acked_features;
+        let Some(a) = self.active.as_mut() else {
+            return;
+        };
+        let mut used = false;
+        let mut problems = Vec::new();
+        self.tx.blocked = false;
+        while let Some(chain) = a.queues[TXQ].pop_descriptor_chain(&a.mem) {
+            let head = chain.head_index();
+            match send_frame(&self.tap, &mut self.tx.buf, acked, &a.mem, chain) {
+                Ok(n) => {
+                    self.stats.tx_frames += 1;
+                    self.stats.tx_bytes += n as u64;
+                }
+                Err(TxError::WouldBlock) => {
+                    // Keep the chain for when the tap is writable again.
+                    a.queues[TXQ].go_to_previous_position();
+                    self.tx.blocked = true;
+                    break;
+                }
+                Err(e) => {
+                    if matches!(e, TxError::Chain(_) | TxError::Writable | TxError::Short(_)) {
+                        self.stats.tx_malformed += 1;
+                    } else {
+                        self.stats.tx_dropped += 1;
+                    }
+                    if problems.len() < 4 {
+                        problems.push(e);
+                    }
+                }
+            }
+            if let Err(e) = a.queues[TXQ].add_used(&a.mem, head, 0) {
+                warn!(head, "virtio-net: cannot add used tx descriptor: {e}");
+            }
+            used = true;
+        }
+        if used {
+            notify(a, TXQ);
+        }
+        for e in problems {
+            self.log(format_args!("dropping tx frame: {e}"));
+        }
+    }
+
+    /// Moves frames from the tap into guest rx buffers, then interrupts the guest once.
+    pub fn process_rx(&mut self) {
+        let (mrg, guest_csum) = (
+            self.has(VIRTIO_NET_F_MRG_RXBUF),
+            self.has(VIRTIO_NET_F_GUEST_CSUM),
+        );
+        let Some(a) = self.active.as_mut() else {
+            return;
+        };
+        let rx = &mut self.rx;
+        let mut used = false;
+        let mut budget = RX_BATCH;
+        let mut problems: Vec<String> = Vec::new();
+        loop {
+            if rx.pending == 0 {
+                if budget == 0 || self.tap_failed {
+                    break;
+                }
+                // Backpressure: only take a frame off the tap when there is a buffer for it.
+                if rx.reserved.is_empty()
+                    && !reserve_one(rx, a, &mut self.stats, &mut used, &mut problems)
+                {
+                    rx.stalled = true;
+                    break;
+                }
+                match self.tap.read_frame(&mut rx.frame) {
+                    Ok(n) if n < VNET_HDR_LEN + 14 => {
+                        budget -= 1;
+                        self.stats.rx_dropped += 1;
+                        problems.push(format!("runt frame of {n} bytes from the tap"));
+                        continue;
+                    }
+                    Ok(n) => {
+                        budget -= 1;
+                        rx.pending = n;
+                    }
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+                    Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                    Err(e) => {
+                        problems.push(format!("cannot read from the tap: {e}"));
+                        break;
+                    }
+                }
+            }
+            match deliver(
+                rx,
+                a,
+                mrg,
+                guest_csum,
+                &mut self.stats,
+                &mut used,
+                &mut problems,
+            ) {
+                Delivery::Done => {}
+                Delivery::NeedBuffers => {
+                    rx.stalled = true;
+                    break;
+                }
+            }
+        }
+        if used {
+            notify(a, RXQ);
+        }
+        for p in problems {
+            self.log(format_args!("{p}"));
+        }
+    }
+
+    /// The guest posted rx buffers: leave backpressure and deliver.
+    pub fn rx_queue_notified(&mut self) {
+        self.rx.stalled = false;
+        self.process_rx();
+    }
+
+    fn desired_tap_events(&self) -> EventSet {
+        let mut ev = EventSet::empty();
+        if self.wants_tap_input() {
+            ev |= EventSet::IN;
+        }
+        if self.tx.blocked {
+            ev |= EventSet::OUT;
+        }
+        ev
+    }
+
+    /// Updates the tap's epoll interest to what the current state needs.
+    fn sync_tap_events(&mut self, ops: &mut EventOps) {
+        let Some(current) = self.tap_events else {
+            return;
+        };
+        let want = self.desired_tap_events();
+        if want != current {
+            match ops.modify(Events::with_data(&self.tap, EV_TAP, want)) {
+                Ok(()) => self.tap_events = Some(want),
+                Err(e) => warn!("virtio-net: cannot update tap interest: {e:?}"),
+            }
+        }
+    }
+
+    fn unregister_tap(&mut self, ops: &mut EventOps) {
+        if self.tap_events.take().is_some() {
+            if let Err(e) = ops.remove(Events::empty(&self.tap)) {
+                warn!("virtio-net: cannot unregister tap: {e:?}");
+            }
+        }
+    }
+
+    /// Makes the event manager watch exactly what the current state needs.
+    fn sync_registrations(&mut self, ops: &mut EventOps) {
+        for evt in self.registered.drain(..) {
+            if let Err(e) = ops.remove(Events::empty(&evt)) {
+                warn!("virtio-net: cannot unregister queue eventfd: {e:?}");
+            }
+        }
+        self.unregister_tap(ops);
+        let Some(a) = self.active.as_ref() else {
+            return;
+        };
+        for (i, evt) in a.evts.iter().enumerate() {
+            let clone = match evt.try_clone() {
+                Ok(c) => c,
+                Err(e) => {
+                    warn!(queue = i, "virtio-net: cannot clone queue eventfd: {e}");
+                    continue;
+                }
+            };
+            match ops.add(Events::with_data(&clone, EV_RXQ + i as u32, EventSet::IN)) {
+                Ok(()) => self.registered.push(clone),
+                Err(e) => warn!(
+                    queue = i,
+                    "virtio-net: cannot register queue eventfd: {e:?}"
+                ),
+            }
+        }
+        if !self.tap_failed {
+            let want = self.desired_tap_events();
+            match ops.add(Events::with_data(&self.tap, EV_TAP, want)) {
+                Ok(()) => self.tap_events = Some(want),
+                Err(e) => warn!("virtio-net: cannot register tap: {e:?}"),
+            }
+        }
+        // The driver may have queued frames and buffers before we were watching.
+        self.process_tx();
+        self.rx_queue_notified();
+    }
+
+    fn drain_queue_evt(&self, index: usize) {
+        if let Some(evt) = self.registered.get(index) {
+            let _ = evt.read();
+        }
+    }
+
+    /// Offloads the tap may use towards the guest: what the guest said it can receive.
+    fn apply_offloads(&mut self) {
+        let mut flags = 0;
+        if self.has(VIRTIO_NET_F_GUEST_CSUM) {
+            flags |= libc::TUN_F_CSUM;
+            if self.has(VIRTIO_NET_F_GUEST_TSO4) {
+                flags |= libc::TUN_F_TSO4;
+            }
+            if self.has(VIRTIO_NET_F_GUEST_TSO6) {
+                flags |= libc::TUN_F_TSO6;
+            }
+        }
+        if let Err(e) = self.tap.set_offload(flags) {
+            warn!("virtio-net: {e}");
+        }
+    }
+}
+
+/// Why a tx chain was not sent.
+#[derive(Debug, thiserror::Error)]
+enum TxError {
+    #[error(transparent)]
+    Chain(#[from] ChainError),
+    #[error("device-writable descriptor in a tx chain")]
+    Writable,
+    #[error("chain holds {0} bytes, less than the virtio-net header")]
+    Short(u64),
+    #[error("chain holds {0} bytes, more than the {MAX_FRAME_LEN}-byte maximum")]
+    TooLarge(u64),
+    #[error(
+        "header uses an offload the driver did not negotiate (flags {flags:#x}, gso {gso:#x})"
+    )]
+    Offload { flags: u8, gso: u8 },
+    #[error("tap rejected the frame: {0}")]
+    Tap(io::Error),
+    #[error("tap took {wrote} of {len} bytes")]
+    Partial { wrote: usize, len: usize },
+    #[error("tap is full")]
+    WouldBlock,
+}
+
+/// Gathers one tx chain into `buf` and writes it to the tap; returns the frame length.
+fn send_frame<M>(
+    tap: &Tap,
+    buf: &mut [u8],
+    acked: u64,
+    mem: &GuestMemory,
+    chain: virtio_queue::DescriptorChain<M>,
+) -> Result<usize, TxError>
+where
+    M: std::ops::Deref,
+    M::Target: vm_memory::GuestMemory,
+{
+    let descs = chain::walk(chain, mem, MAX_CHAIN_DESCS)?;
+    let mut bufs = GuestBufs::new();
+    for d in &descs {
+        if d.writable {
+            return Err(TxError::Writable);
+        }
+        bufs.push(d);
+    }
+    let total = bufs.total();
+    if total < VNET_HDR_LEN as u64 {
+        return Err(TxError::Short(total));
+    }
+    let frame = usize::try_from(total)
+        .ok()
+        .and_then(|n| buf.get_mut(..n))
+        .ok_or(TxError::TooLarge(total))?;
+    bufs.read_at(mem, 0, frame)?;
+    check_tx_header(frame, acked)?;
+    let len = frame.len();
+    loop {
+        return match tap.write_frame(frame) {
+            Ok(n) if n == len => Ok(len - VNET_HDR_LEN),
+            Ok(n) => Err(TxError::Partial { wrote: n, len }),
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => Err(TxError::WouldBlock),
+            Err(e) => Err(TxError::Tap(e)),
+        };
+    }
+}
+
+/// The driver may only ask for offloads it negotiated (the tap validates the rest).
+fn check_tx_header(frame: &[u8], acked: u64) -> Result<(), TxError> {
+    let has = |bit: u32| acked & (1 << bit) != 0;
+    let (flags, gso) = (frame[0], frame[1]);
+    let bad = || TxError::Offload { flags, gso };
+    if flags & VIRTIO_NET_HDR_F_NEEDS_CSUM as u8 != 0 && !has(VIRTIO_NET_F_CSUM) {
+        return Err(bad());
+    }
+    let ok = match gso & !GSO_ECN {
+        GSO_NONE => gso & GSO_ECN == 0,
+        // ECN-marked TSO needs HOST_ECN, which we do not offer.
+        GSO_TCPV4 => has(VIRTIO_NET_F_HOST_TSO4) && gso & GSO_ECN == 0,
+        GSO_TCPV6 => has(VIRTIO_NET_F_HOST_TSO6) && gso & GSO_ECN == 0,
+        _ => false,
+    };
+    if ok {
+        Ok(())
+    } else {
+        Err(bad())
+    }
+}
+
+enum Delivery {
+    /// The pending frame was delivered or dropped.
+    Done,
+    /// The guest has to post more buffers first.
+    NeedBuffers,
+}
+
+/// Pops rx chains until one is usable and reserves it; malformed ones are returned with used
+/// length 0. `false` if the queue is empty.
+fn reserve_one(
+    rx: &mut Rx,
+    a: &mut Active,
+    stats: &mut NetStats,
+    used: &mut bool,
+    problems: &mut Vec<String>,
+) -> bool {
+    while let Some(chain) = a.queues[RXQ].pop_descriptor_chain(&a.mem) {
+        let head = chain.head_index();
+        let parsed = chain::walk(chain, &a.mem, MAX_CHAIN_DESCS)
+            .map_err(|e| e.to_string())
+            .and_then(|descs| {
+                let mut bufs = GuestBufs::new();
+                for d in &descs {
+                    if !d.writable {
+                        return Err("device-readable descriptor in an rx chain".to_string());
+                    }
+                    bufs.push(d);
+                }
+                if bufs.total() < VNET_HDR_LEN as u64 {
+                    return Err(format!(
+                        "rx buffer of {} bytes cannot hold the virtio-net header",
+                        bufs.total()
+                    ));
+                }
+                Ok(bufs)
+            });
+        match parsed {
+            Ok(bufs) => {
+                rx.reserved_bytes += bufs.total();
+                rx.reserved.push_back(RxChain { head, bufs });
+                return true;
+            }
+            Err(e) => {
+                stats.rx_malformed += 1;
+                if problems.len() < 4 {
+                    problems.push(format!("dropping malformed rx chain: {e}"));
+                }
+                if let Err(e) = a.queues[RXQ].add_used(&a.mem, head, 0) {
+                    warn!(head, "virtio-net: cannot add used rx descriptor: {e}");
+                }
+                *used = true;
+            }
+        }
+    }
+    false
+}
+
+/// Places the pending frame into reserved buffers (reserving more as needed).
+fn deliver(
+    rx: &mut Rx,
+    a: &mut Active,
+    mrg: bool,
+    guest_csum: bool,
+    stats: &mut NetStats,
+    used: &mut bool,
+    problems: &mut Vec<String>,
+) -> Delivery {
+    let need = rx.pending as u64;
+    // Gather enough buffers: any number with MRG_RXBUF, exactly one without.
+    loop {
+        let have = if mrg {
+            rx.reserved_bytes
+        } else {
+            rx.reserved.front().map_or(0, |c| c.bufs.total())
+        };
+        if have >= need {
+            break;
+        }
+        let hopeless = if mrg {
+            rx.reserved.len() >= usize::from(a.queues[RXQ].size())
+        } else {
+            !rx.reserved.is_empty()
+        };
+        if hopeless {
+            // The buffers stay reserved for the next frame.
+            stats.rx_dropped += 1;
+            if problems.len() < 4 {
+                problems.push(format!(
+                    "dropping a {need}-byte rx frame: it does not fit the guest's buffers"
+                ));
+            }
+            rx.pending = 0;
+            return Delivery::Done;
+        }
+        if !reserve_one(rx, a, stats, used, problems) {
+            return Delivery::NeedBuffers;
+        }
+    }
+    // How many buffers the frame takes.
+    let mut count = 0u16;
+    let mut acc = 0u64;
+    for c in &rx.reserved {
+        count += 1;
+        acc += c.bufs.total();
+        if acc >= need {
+            break;
+        }
+    }
+    let frame = &mut rx.frame[..rx.pending];
+    frame[10..12].copy_from_slice(&count.to_le_bytes());
+    if !guest_csum {
+        // DATA_VALID is only defined for drivers that negotiated GUEST_CSUM.
+        frame[0] &= !(VIRTIO_NET_HDR_F_DATA_VALID as u8);
+    }
+    let mut off = 0usize;
+    for _ in 0..count {
+        let Some(c) = rx.reserved.pop_front() else {
+            break;
+        };
+        rx.reserved_bytes -= c.bufs.total();
+        let n = (c.bufs.total() as usize).min(frame.len() - off);
+        let len = match c.bufs.write_at(&a.mem, 0, &frame[off..off + n]) {
+            Ok(()) => n as u32,
+            Err(e) => {
+                problems.push(format!("cannot write rx frame: {e}"));
+                0
+            }
+        };
+        off += n;
+        if let Err(e) = a.queues[RXQ].add_used(&a.mem, c.head, len) {
+            warn!(
+                head = c.head,
+                "virtio-net: cannot add used rx descriptor: {e}"
+            );
+        }
+        *used = true;
+    }
+    stats.rx_frames += 1;
+    stats.rx_bytes += (rx.pending - VNET_HDR_LEN) as u64;
+    rx.pending = 0;
+    Delivery::Done
+}
+
+fn notify(a: &mut Active, q: usize) {
+    // Without EVENT_IDX (not offered) this is true unless the driver suppressed interrupts.
+    if a.queues[q].needs_notification(&a.mem).unwrap_or(true) {
+        if let Err(e) = a.irq.trigger(VIRTIO_MMIO_INT_VRING) {
+            warn!(queue = q, "virtio-net: cannot signal used ring: {e}");
+        }
+    }
+}
+
+fn random_mac() -> Result<[u8; 6], NetError> {
+    let mut mac = [0u8; 6];
+    File::open("/dev/urandom")
+        .and_then(|mut f| f.read_exact(&mut mac))
+        .map_err(|source| NetError::Sys {
+            what: "random MAC address",
+            source,
+        })?;
+    // Unicast, locally administered.
+    mac[0] = (mac[0] & !0x01) | 0x02;
+    Ok(mac)
+}
+
+fn fmt_mac(mac: &[u8; 6]) -> String {
+    mac.iter()
+        .map(|b| format!("{b:02x}"))
+        .collect::<Vec<_>>()
+        .join(":")
+}
+
+impl VirtioDevice for Net {
+    fn device_type(&self) -> u32 {
+        NET_DEVICE_ID
+    }
+
+    fn avail_features(&self) -> u64 {
+        self.avail_features
+    }
+
+    fn ack_features(&mut self, features: u64) {
+        self.acked_features = features & self.avail_features;
+        self.apply_offloads();
+    }
+
+    fn queue_max_sizes(&self) -> &[u16] {
+        &QUEUE_SIZES
+    }
+
+    fn read_config(&self, offset: u64, data: &mut [u8]) {
+        read_config_bytes(&self.config, offset, data);
+    }
+
+    fn write_config(&mut self, offset: u64, data: &[u8]) {
+        // The MAC is writable only in legacy devices; we are not one.
+        debug!(
+            offset,
+            len = data.len(),
+            "virtio-net: ignoring write to read-only config"
+        );
+    }
+
+    fn activate(
+        &mut self,
+        mem: GuestMemory,
+        queues: Vec<Queue>,
+        queue_evts: Vec<EventFd>,
+        interrupt: IrqTrigger,
+    ) -> Result<(), ActivateError> {
+        if self.active.is_some() {
+            return Err(ActivateError::AlreadyActive);
+        }
+        if queues.len() != NUM_QUEUES || queue_evts.len() != NUM_QUEUES {
+            return Err(ActivateError::QueueCount {
+                expected: NUM_QUEUES,
+                got: queues.len().min(queue_evts.len()),
+            });
+        }
+        if let Some(i) = queues.iter().position(|q| !q.ready()) {
+            return Err(ActivateError::QueueNotReady(i));
+        }
+        self.ctl_evt.write(1).map_err(ActivateError::EventFd)?;
+        self.active = Some(Active {
+            mem,
+            queues,
+            evts: queue_evts,
+            irq: interrupt,
+        });
+        Ok(())
+    }
+
+    fn reset(&mut self) {
+        self.active = None;
+        self.acked_features = 0;
+        self.rx.pending = 0;
+        self.rx.reserved.clear();
+        self.rx.reserved_bytes = 0;
+        self.rx.stalled = false;
+        self.tx.blocked = false;
+        if let Err(e) = self.ctl_evt.write(1) {
+            warn!("virtio-net: cannot signal reset to the event loop: {e}");
+        }
+    }
+}
+
+impl MutEventSubscriber for Net {
+    fn init(&mut self, ops: &mut EventOps) {
+        if let Err(e) = ops.add(Events::with_data(&self.ctl_evt, EV_CTL, EventSet::IN)) {
+            warn!("virtio-net: cannot register control eventfd: {e:?}");
+        }
+    }
+
+    fn process(&mut self, events: Events, ops: &mut EventOps) {
+        match events.data() {
+            EV_CTL => {
+                let _ = self.ctl_evt.read();
+                self.sync_registrations(ops);
+            }
+            EV_RXQ => {
+                self.drain_queue_evt(RXQ);
+                self.rx_queue_notified();
+            }
+            EV_TXQ => {
+                self.drain_queue_evt(TXQ);
+                self.process_tx();
+            }
+            EV_TAP => {
+                let set = events.event_set();
+                if set.intersects(EventSet::ERROR | EventSet::HANG_UP) {
+                    warn!(
+                        tap = self.tap.name(),
+                        "virtio-net: tap reported an error (interface deleted?); no longer polling it"
+                    );
+                    self.tap_failed = true;
+                    self.unregister_tap(ops);
+                    return;
+                }
+                if set.contains(EventSet::OUT) {
+                    self.process_tx();
+                }
+                if set.contains(EventSet::IN) {
+                    self.process_rx();
+                }
+            }
+            other => debug!(data = other, "virtio-net: event with unknown tag"),
+        }
+        self.sync_tap_events(ops);
+    }
+}

@@ -1,0 +1,852 @@
+//! Device-level tests against REAL tap interfaces: the test plays the guest driver on in-memory
+//! virtqueues and watches/injects frames on the host side with an AF_PACKET socket bound to the
+//! tap. They need root and /dev/net/tun, and fail (not skip) without them.
+
+use std::collections::HashMap;
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::thread;
+use std::time::{Duration, Instant};
+
+use event_manager::{EventManager, SubscriberOps};
+use vm_memory::{Bytes, GuestAddress};
+
+use super::*;
+use crate::devices::bus::BusDevice;
+use crate::devices::virtio::mmio::MmioTransport;
+use crate::devices::virtio::test_utils::{
+    test_memory, GuestQueue, VRING_DESC_F_NEXT, VRING_DESC_F_WRITE,
+};
+
+/// IEEE 802 "local experimental" ethertype: nothing else on a test tap uses it.
+const ETHERTYPE: u16 = 0x88b5;
+const GUEST_MAC: [u8; 6] = [0x02, 0x48, 0x55, 0x53, 0x4b, 0x01];
+const PEER_MAC: [u8; 6] = [0x02, 0x48, 0x55, 0x53, 0x4b, 0x02];
+const TIMEOUT: Duration = Duration::from_secs(5);
+const QSIZE: u16 = 256;
+const RX_AREA: (u64, u64) = (0x2_0000, 0x8_0000);
+const TX_AREA: u64 = 0x8_0000;
+
+fn feat(bits: &[u32]) -> u64 {
+    bits.iter()
+        .fold(1 << VIRTIO_F_VERSION_1, |f, &b| f | (1 << b))
+}
+
+fn require_root_and_tun() {
+    assert!(
+        Path::new("/dev/net/tun").exists(),
+        "virtio-net tests need /dev/net/tun (load the tun module)"
+    );
+    assert!(
+        nix::unistd::geteuid().is_root(),
+        "virtio-net tests need root (CAP_NET_ADMIN) to create tap devices"
+    );
+}
+
+fn unique(prefix: &str) -> String {
+    static N: AtomicUsize = AtomicUsize::new(0);
+    format!(
+        "{prefix}{}{}",
+        std::process::id() % 100_000,
+        N.fetch_add(1, Ordering::SeqCst)
+    )
+}
+
+fn ip(args: &[&str]) -> std::process::Output {
+    Command::new("ip")
+        .args(args)
+        .output()
+        .expect("cannot run `ip` (iproute2 is needed by the virtio-net tests)")
+}
+
+fn ip_ok(args: &[&str]) {
+    let out = ip(args);
+    assert!(
+        out.status.success(),
+        "ip {args:?} failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// Deletes a link (and optionally a netns) when the test ends, pass or fail.
+struct Cleanup {
+    link: String,
+    netns: Option<String>,
+}
+
+impl Drop for Cleanup {
+    fn drop(&mut self) {
+        match &self.netns {
+            Some(ns) => {
+                let _ = ip(&["-n", ns, "link", "del", &self.link]);
+                let _ = ip(&["netns", "del", ns]);
+            }
+            None => {
+                let _ = ip(&["link", "del", &self.link]);
+            }
+        }
+    }
+}
+
+/// Brings a host-namespace tap up without IPv6 (whose autoconfiguration would add traffic).
+fn link_up(name: &str) {
+    let _ = std::fs::write(format!("/proc/sys/net/ipv6/conf/{name}/disable_ipv6"), "1");
+    ip_ok(&["link", "set", "dev", name, "up"]);
+}
+
+fn eth_frame(dst: [u8; 6], src: [u8; 6], payload: &[u8]) -> Vec<u8> {
+    let mut f = Vec::with_capacity(14 + payload.len());
+    f.extend_from_slice(&dst);
+    f.extend_from_slice(&src);
+    f.extend_from_slice(&ETHERTYPE.to_be_bytes());
+    f.extend_from_slice(payload);
+    f
+}
+
+fn payload(n: usize, seed: u8) -> Vec<u8> {
+    (0..n)
+        .map(|i| (i as u8).wrapping_mul(31).wrapping_add(seed))
+        .collect()
+}
+
+/// The host side of a tap: an AF_PACKET socket bound to it, receiving only `ETHERTYPE`.
+struct PacketSock {
+    fd: OwnedFd,
+}
+
+impl PacketSock {
+    fn open(ifname: &str, netns: Option<&Path>) -> Self {
+        let ifname = ifname.to_owned();
+        match netns {
+            None => Self::open_here(&ifname),
+            Some(ns) => {
+                let ns = ns.to_path_buf();
+                thread::spawn(move || {
+                    let f = std::fs::File::open(&ns).unwrap();
+                    nix::sched::setns(&f, nix::sched::CloneFlags::CLONE_NEWNET).unwrap();
+                    Self::open_here(&ifname)
+                })
+                .join()
+                .unwrap()
+            }
+        }
+    }
+
+    fn open_here(ifname: &str) -> Self {
+        let proto = ETHERTYPE.to_be();
+        // SAFETY: plain socket(2) call; the result is checked before use.
+        let fd = unsafe {
+            libc::socket(
+                libc::AF_PACKET,
+                libc::SOCK_RAW | libc::SOCK_CLOEXEC | libc::SOCK_NONBLOCK,
+                i32::from(proto),
+            )
+        };
+        assert!(
+            fd >= 0,
+            "socket(AF_PACKET): {}",
+            std::io::Error::last_os_error()
+        );
+        // SAFETY: `fd` is a fresh, valid descriptor we own exclusively.
+        let fd = unsafe { OwnedFd::from_raw_fd(fd) };
+        let cname = std::ffi::CString::new(ifname).unwrap();
+        // SAFETY: `cname` is a valid NUL-terminated string alive for the call.
+        let index = unsafe { libc::if_nametoindex(cname.as_ptr()) };
+        assert_ne!(
+            index,
+            0,
+            "{ifname} has no ifindex: {}",
+            std::io::Error::last_os_error()
+        );
+        // SAFETY: sockaddr_ll is plain old data; all-zero is a valid value.
+        let mut sll: libc::sockaddr_ll = unsafe { std::mem::zeroed() };
+        sll.sll_family = libc::AF_PACKET as u16;
+        sll.sll_protocol = proto;
+        sll.sll_ifindex = index as i32;
+        // SAFETY: `sll` is a valid sockaddr_ll of the given length, alive for the call.
+        let ret = unsafe {
+            libc::bind(
+                fd.as_raw_fd(),
+                (&sll as *const libc::sockaddr_ll).cast(),
+                std::mem::size_of::<libc::sockaddr_ll>() as u32,
+            )
+        };
+        assert_eq!(
+            ret,
+            0,
+            "bind(AF_PACKET): {}",
+            std::io::Error::last_os_error()
+        );
+        Self { fd }
+    }
+
+    /// Transmits `frame` on the tap interface, i.e. towards the guest.
+    fn send(&self, frame: &[u8]) {
+        // SAFETY: `frame` is valid for reads of its length during the call.
+        let n = unsafe { libc::send(self.fd.as_raw_fd(), frame.as_ptr().cast(), frame.len(), 0) };
+        assert_eq!(
+            n,
+            frame.len() as isize,
+            "send(AF_PACKET): {}",
+            std::io::Error::last_os_error()
+        );
+    }
+
+    /// The next frame the guest sent, if one arrives within `timeout`.
+    fn recv(&self, timeout: Duration) -> Option<Vec<u8>> {
+        let deadline = Instant::now() + timeout;
+        let mut buf = vec![0u8; 70_000];
+        loop {
+            // SAFETY: `buf` is valid for writes of its length during the call.
+            let n = unsafe {
+                libc::recv(
+                    self.fd.as_raw_fd(),
+                    buf.as_mut_ptr().cast(),
+                    buf.len(),
+                    libc::MSG_DONTWAIT,
+                )
+            };
+            if n >= 0 {
+                buf.truncate(n as usize);
+                return Some(buf);
+            }
+            let e = std::io::Error::last_os_error();
+            assert_eq!(e.kind(), std::io::ErrorKind::WouldBlock, "recv: {e}");
+            if Instant::now() > deadline {
+                return None;
+            }
+            thread::sleep(Duration::from_millis(2));
+        }
+    }
+}
+
+/// The guest driver's side of the two queues.
+struct Guest {
+    mem: GuestMemory,
+    rxq: GuestQueue,
+    txq: GuestQueue,
+    rx_bufs: HashMap<u32, (u64, u32)>,
+    rx_next: u64,
+    tx_slot: u64,
+}
+
+impl Guest {
+    fn new(mem: &GuestMemory) -> Self {
+        Self {
+            mem: mem.clone(),
+            rxq: GuestQueue::new(mem, GuestAddress(0x1000), QSIZE),
+            txq: GuestQueue::new(mem, GuestAddress(0x6000), QSIZE),
+            rx_bufs: HashMap::new(),
+            rx_next: RX_AREA.0,
+            tx_slot: 0,
+        }
+    }
+
+    /// Posts `n` single-descriptor rx buffers of `size` bytes.
+    fn post_rx(&mut self, n: usize, size: u32) {
+        for _ in 0..n {
+            if self.rx_next + u64::from(size) > RX_AREA.1 {
+                self.rx_next = RX_AREA.0;
+            }
+            let addr = self.rx_next;
+            self.rx_next += u64::from(size);
+            self.mem
+                .write_slice(&vec![0xee; size as usize], GuestAddress(addr))
+                .unwrap();
+            let head = self.rxq.add_chain(&[(addr, size, true)]);
+            self.rx_bufs.insert(u32::from(head), (addr, size));
+        }
+    }
+
+    /// Queues `hdr + frame` on the tx queue, split into descriptors of at most `split` bytes.
+    fn send(&mut self, hdr: [u8; 12], frame: &[u8], split: usize) -> u16 {
+        let base = TX_AREA + (self.tx_slot % 16) * 0x8000;
+        self.tx_slot += 1;
+        let mut bytes = hdr.to_vec();
+        bytes.extend_from_slice(frame);
+        self.mem.write_slice(&bytes, GuestAddress(base)).unwrap();
+        let bufs: Vec<_> = bytes
+            .chunks(split)
+            .enumerate()
+            .map(|(i, c)| (base + (i * split) as u64, c.len() as u32, false))
+            .collect();
+        self.txq.add_chain(&bufs)
+    }
+
+    /// The next received frame: (vnet header, frame, buffers used).
+    fn recv(&mut self) -> Option<([u8; 12], Vec<u8>, u16)> {
+        let (id, len) = self.rxq.pop_used()?;
+        let (addr, size) = self.rx_bufs[&id];
+        assert!(
+            len >= 12 && len <= size,
+            "rx used len {len} for a {size}-byte buffer"
+        );
+        let mut data = vec![0u8; len as usize];
+        self.mem.read_slice(&mut data, GuestAddress(addr)).unwrap();
+        let hdr: [u8; 12] = data[..12].try_into().unwrap();
+        let nbufs = u16::from_le_bytes([hdr[10], hdr[11]]);
+        assert!(nbufs >= 1);
+        let mut frame = data[12..].to_vec();
+        for _ in 1..nbufs {
+            let (id, len) = self.rxq.pop_used().expect("merged buffer missing");
+            let (addr, _) = self.rx_bufs[&id];
+            let mut more = vec![0u8; len as usize];
+            self.mem.read_slice(&mut more, GuestAddress(addr)).unwrap();
+            frame.extend(more);
+        }
+        Some((hdr, frame, nbufs))
+    }
+}
+
+struct Harness {
+    dev: Net,
+    g: Guest,
+    irq: IrqTrigger,
+    sock: PacketSock,
+    _cleanup: Cleanup,
+}
+
+impl Harness {
+    fn new(features: u64) -> Self {
+        require_root_and_tun();
+        let name = unique("hk");
+        let cleanup = Cleanup {
+            link: name.clone(),
+            netns: None,
+        };
+        let mut dev = Net::new(NetConfig {
+            tap_name: name.clone(),
+            mac: Some(GUEST_MAC),
+            netns: None,
+        })
+        .unwrap_or_else(|e| panic!("cannot create tap {name}: {e}"));
+        assert_eq!(dev.tap_name(), name);
+        link_up(&name);
+        let mem = test_memory();
+        let g = Guest::new(&mem);
+        let irq = IrqTrigger::new().unwrap();
+        dev.ack_features(features);
+        dev.activate(
+            mem,
+            vec![g.rxq.device_queue(), g.txq.device_queue()],
+            (0..2)
+                .map(|_| EventFd::new(libc::EFD_NONBLOCK).unwrap())
+                .collect(),
+            irq.clone(),
+        )
+        .unwrap();
+        let sock = PacketSock::open(&name, None);
+        Self {
+            dev,
+            g,
+            irq,
+            sock,
+            _cleanup: cleanup,
+        }
+    }
+
+    /// Pumps the device until a frame of ours reaches the guest.
+    fn recv_frame(&mut self) -> ([u8; 12], Vec<u8>, u16) {
+        let deadline = Instant::now() + TIMEOUT;
+        loop {
+            self.dev.process_rx();
+            while let Some((hdr, frame, n)) = self.g.recv() {
+                if frame.len() >= 14 && frame[12..14] == ETHERTYPE.to_be_bytes() {
+                    return (hdr, frame, n);
+                }
+            }
+            assert!(Instant::now() < deadline, "no frame reached the guest");
+            thread::sleep(Duration::from_millis(2));
+        }
+    }
+
+    fn expect_tx(&mut self, frame: &[u8]) {
+        let got = self
+            .sock
+            .recv(TIMEOUT)
+            .expect("frame did not come out of the tap");
+        assert_eq!(got, frame);
+    }
+}
+
+#[test]
+fn features_config_and_mac() {
+    let h = Harness::new(feat(&[]));
+    let f = h.dev.avail_features();
+    for bit in [
+        VIRTIO_F_VERSION_1,
+        VIRTIO_NET_F_MAC,
+        VIRTIO_NET_F_CSUM,
+        VIRTIO_NET_F_GUEST_CSUM,
+        VIRTIO_NET_F_GUEST_TSO4,
+        VIRTIO_NET_F_GUEST_TSO6,
+        VIRTIO_NET_F_HOST_TSO4,
+        VIRTIO_NET_F_HOST_TSO6,
+        VIRTIO_NET_F_MRG_RXBUF,
+        VIRTIO_NET_F_STATUS,
+    ] {
+        assert_ne!(f & (1 << bit), 0, "feature {bit} not offered");
+    }
+    assert_eq!(h.dev.device_type(), 1);
+    assert_eq!(h.dev.queue_max_sizes(), &[256, 256]);
+    let mut cfg = [0u8; 8];
+    h.dev.read_config(0, &mut cfg);
+    assert_eq!(&cfg[..6], &GUEST_MAC);
+    assert_eq!(u16::from_le_bytes([cfg[6], cfg[7]]), 1);
+    assert_eq!(h.dev.mac(), GUEST_MAC);
+
+    // A random MAC is unicast and locally administered.
+    let name = unique("hk");
+    let _c = Cleanup {
+        link: name.clone(),
+        netns: None,
+    };
+    let n = Net::new(NetConfig {
+        tap_name: name,
+        mac: None,
+        netns: None,
+    })
+    .unwrap();
+    assert_eq!(n.mac()[0] & 0x03, 0x02);
+
+    for bad in ["", "a-name-far-too-long", "a/b", "a b"] {
+        let e = Net::new(NetConfig {
+            tap_name: bad.into(),
+            mac: None,
+            netns: None,
+        })
+        .err()
+        .unwrap();
+        assert!(
+            matches!(e, NetError::Tap(TapError::InvalidName(_))),
+            "{bad}: {e}"
+        );
+    }
+    let e = Net::new(NetConfig {
+        tap_name: "hkx".into(),
+        mac: Some([1, 2, 3, 4, 5, 6]),
+        netns: None,
+    })
+    .err()
+    .unwrap();
+    assert!(matches!(e, NetError::MulticastMac(_)), "{e}");
+    let e = Net::new(NetConfig {
+        tap_name: "hkx".into(),
+        mac: None,
+        netns: Some("/nonexistent/netns".into()),
+    })
+    .err()
+    .unwrap();
+    assert!(e.to_string().contains("/nonexistent/netns"), "{e}");
+}
+
+#[test]
+fn tx_frames_come_out_of_the_tap() {
+    let mut h = Harness::new(feat(&[VIRTIO_NET_F_MRG_RXBUF]));
+    let frame = eth_frame([0xff; 6], GUEST_MAC, &payload(300, 1));
+    // One descriptor; header and frame split across many descriptors.
+    for split in [4096, 7, 12, 100] {
+        let head = h.g.send([0; 12], &frame, split);
+        h.dev.process_tx();
+        assert_eq!(h.g.txq.pop_used(), Some((u32::from(head), 0)));
+        h.expect_tx(&frame);
+    }
+    assert_ne!(h.irq.status() & VIRTIO_MMIO_INT_VRING, 0);
+    // A batch gets one interrupt.
+    let _ = h.irq.event().read();
+    for i in 0..10u8 {
+        h.g.send([0; 12], &eth_frame([0xff; 6], GUEST_MAC, &[i; 60]), 4096);
+    }
+    h.dev.process_tx();
+    assert_eq!(h.irq.event().read().unwrap(), 1);
+    for i in 0..10u8 {
+        assert!(h.g.txq.pop_used().is_some());
+        h.expect_tx(&eth_frame([0xff; 6], GUEST_MAC, &[i; 60]));
+    }
+    let s = h.dev.stats();
+    assert_eq!((s.tx_frames, s.tx_dropped, s.tx_malformed), (14, 0, 0));
+    assert_eq!(s.tx_bytes, 4 * frame.len() as u64 + 10 * 74);
+}
+
+#[test]
+fn rx_frames_land_in_the_guest_with_a_vnet_header() {
+    let mut h = Harness::new(feat(&[VIRTIO_NET_F_MRG_RXBUF, VIRTIO_NET_F_GUEST_CSUM]));
+    h.g.post_rx(16, 2048);
+    for len in [46, 500, 1486] {
+        let frame = eth_frame(GUEST_MAC, PEER_MAC, &payload(len, 9));
+        h.sock.send(&frame);
+        let (hdr, got, nbufs) = h.recv_frame();
+        assert_eq!(got, frame);
+        assert_eq!(nbufs, 1);
+        // No checksum offload, no GSO for a frame injected with a packet socket.
+        assert_eq!(hdr[0] & VIRTIO_NET_HDR_F_NEEDS_CSUM as u8, 0);
+        assert_eq!(hdr[1], GSO_NONE);
+        assert_eq!(u16::from_le_bytes([hdr[10], hdr[11]]), 1);
+    }
+    assert_ne!(h.irq.status() & VIRTIO_MMIO_INT_VRING, 0);
+    let s = h.dev.stats();
+    assert!(s.rx_frames >= 3);
+    assert_eq!((s.rx_dropped, s.rx_malformed), (0, 0));
+}
+
+#[test]
+fn rx_frames_span_mergeable_buffers() {
+    let mut h = Harness::new(feat(&[VIRTIO_NET_F_MRG_RXBUF]));
+    h.g.post_rx(64, 64);
+    let frame = eth_frame(GUEST_MAC, PEER_MAC, &payload(286, 3));
+    h.sock.send(&frame);
+    let (_, got, nbufs) = h.recv_frame();
+    // 12 + 300 bytes in 64-byte buffers.
+    assert_eq!(nbufs, 5);
+    assert_eq!(got, frame);
+}
+
+#[test]
+fn without_mergeable_buffers_a_frame_must_fit_one_buffer() {
+    let mut h = Harness::new(feat(&[]));
+    h.g.post_rx(1, 256);
+    let big = eth_frame(GUEST_MAC, PEER_MAC, &payload(400, 5));
+    let small = eth_frame(GUEST_MAC, PEER_MAC, &payload(100, 6));
+    h.sock.send(&big);
+    h.sock.send(&small);
+    let (hdr, got, nbufs) = h.recv_frame();
+    assert_eq!((got, nbufs), (small, 1));
+    assert_eq!(u16::from_le_bytes([hdr[10], hdr[11]]), 1);
+    assert!(h.dev.stats().rx_dropped >= 1);
+}
+
+#[test]
+fn rx_backpressure_keeps_frames_until_buffers_arrive() {
+    let mut h = Harness::new(feat(&[VIRTIO_NET_F_MRG_RXBUF]));
+    let frames: Vec<_> = (0..3)
+        .map(|i| eth_frame(GUEST_MAC, PEER_MAC, &payload(200, i)))
+        .collect();
+    for f in &frames {
+        h.sock.send(f);
+    }
+    // No buffers: nothing is read, the device stops asking for tap input.
+    thread::sleep(Duration::from_millis(50));
+    h.dev.process_rx();
+    assert!(!h.dev.wants_tap_input());
+    assert_eq!(h.dev.stats().rx_frames, 0);
+    assert!(h.g.rxq.pop_used().is_none());
+
+    // One buffer too small for a whole frame (MRG): the frame is held, not dropped.
+    h.g.post_rx(1, 100);
+    h.dev.rx_queue_notified();
+    assert!(!h.dev.wants_tap_input());
+    assert!(h.g.rxq.pop_used().is_none());
+
+    h.g.post_rx(8, 2048);
+    h.dev.rx_queue_notified();
+    for f in &frames {
+        let (_, got, _) = h.recv_frame();
+        assert_eq!(&got, f);
+    }
+    assert!(h.dev.wants_tap_input());
+    assert_eq!(h.dev.stats().rx_dropped, 0);
+}
+
+#[test]
+fn malformed_tx_chains_are_dropped_and_counted() {
+    let mut h = Harness::new(feat(&[VIRTIO_NET_F_CSUM]));
+    let frame = eth_frame([0xff; 6], GUEST_MAC, &payload(100, 2));
+    let good = |h: &mut Harness| {
+        let head = h.g.send([0; 12], &frame, 4096);
+        h.dev.process_tx();
+        assert_eq!(h.g.txq.pop_used(), Some((u32::from(head), 0)));
+        h.expect_tx(&frame);
+    };
+    let dropped = |h: &mut Harness, head: u16, what: &str| {
+        let before = h.dev.stats();
+        h.dev.process_tx();
+        assert_eq!(h.g.txq.pop_used(), Some((u32::from(head), 0)), "{what}");
+        let after = h.dev.stats();
+        assert_eq!(
+            after.tx_malformed + after.tx_dropped,
+            before.tx_malformed + before.tx_dropped + 1,
+            "{what}"
+        );
+        assert_eq!(after.tx_frames, before.tx_frames, "{what}");
+    };
+
+    let head = h.g.txq.add_chain(&[(TX_AREA, 0, false)]);
+    dropped(&mut h, head, "zero length");
+    let head =
+        h.g.txq
+            .add_chain(&[(TX_AREA, 12, false), (0xfff_0000, 100, false)]);
+    dropped(&mut h, head, "out of range");
+    let head =
+        h.g.txq
+            .add_chain(&[(TX_AREA, 12, false), (TX_AREA + 12, 100, true)]);
+    dropped(&mut h, head, "device-writable descriptor");
+    let head = h.g.txq.add_chain(&[(TX_AREA, 11, false)]);
+    dropped(&mut h, head, "shorter than the header");
+    h.g.txq.set_desc(200, TX_AREA, 12, VRING_DESC_F_NEXT, 201);
+    h.g.txq.set_desc(201, TX_AREA, 100, VRING_DESC_F_NEXT, 200);
+    h.g.txq.publish(200);
+    dropped(&mut h, 200, "loop");
+    // Larger than any frame, from overlapping descriptors: dropped without a big allocation.
+    let bufs: Vec<_> = (0..40).map(|_| (TX_AREA, 0x1_0000, false)).collect();
+    let head = h.g.txq.add_chain(&bufs);
+    dropped(&mut h, head, "too large");
+    let bufs: Vec<_> = (0..MAX_CHAIN_DESCS + 1)
+        .map(|_| (TX_AREA, 20, false))
+        .collect();
+    let head = h.g.txq.add_chain(&bufs);
+    dropped(&mut h, head, "too many descriptors");
+    // TSO without HOST_TSO4, and an unknown GSO type.
+    let mut hdr = [0u8; 12];
+    hdr[1] = GSO_TCPV4;
+    let head = h.g.send(hdr, &frame, 4096);
+    dropped(&mut h, head, "undeclared TSO");
+    hdr[1] = 3;
+    let head = h.g.send(hdr, &frame, 4096);
+    dropped(&mut h, head, "unknown gso type");
+    let s = h.dev.stats();
+    assert_eq!((s.tx_malformed, s.tx_dropped), (6, 3));
+    // Nothing of that reached the wire, and the device still works.
+    assert!(h.sock.recv(Duration::from_millis(50)).is_none());
+    good(&mut h);
+    // A negotiated checksum offload request is passed to the tap, which fills the checksum.
+    // (IPv4/UDP: csum_start = 14 + 20, csum_offset = 6.)
+    let mut ipv4_udp = vec![
+        0x45, 0, 0, 36, 0, 0, 0, 0, 64, 17, 0, 0, 10, 0, 0, 1, 10, 0, 0, 2,
+    ];
+    ipv4_udp.extend_from_slice(&[0x30, 0x39, 0x30, 0x39, 0, 16, 0, 0]);
+    ipv4_udp.extend_from_slice(b"husk-udp");
+    let mut f = eth_frame([0xff; 6], GUEST_MAC, &ipv4_udp);
+    f[12..14].copy_from_slice(&0x0800u16.to_be_bytes());
+    let mut hdr = [0u8; 12];
+    hdr[0] = VIRTIO_NET_HDR_F_NEEDS_CSUM as u8;
+    hdr[6..8].copy_from_slice(&34u16.to_le_bytes());
+    hdr[8..10].copy_from_slice(&6u16.to_le_bytes());
+    let head = h.g.send(hdr, &f, 4096);
+    h.dev.process_tx();
+    assert_eq!(h.g.txq.pop_used(), Some((u32::from(head), 0)));
+    assert_eq!(h.dev.stats().tx_frames, 2);
+}
+
+#[test]
+fn malformed_rx_chains_are_returned_empty() {
+    let mut h = Harness::new(feat(&[VIRTIO_NET_F_MRG_RXBUF]));
+    let (a, b) = (RX_AREA.0, RX_AREA.0 + 0x1000);
+    let h1 = h.g.rxq.add_chain(&[(a, 2048, false)]);
+    let h2 = h.g.rxq.add_chain(&[(a, 8, true)]);
+    let h3 = h.g.rxq.add_chain(&[(a, 0, true)]);
+    h.g.rxq
+        .set_desc(100, a, 64, VRING_DESC_F_WRITE | VRING_DESC_F_NEXT, 100);
+    h.g.rxq.publish(100);
+    let good = h.g.rxq.add_chain(&[(b, 2048, true)]);
+    h.g.rx_bufs.insert(u32::from(good), (b, 2048));
+    let frame = eth_frame(GUEST_MAC, PEER_MAC, &payload(80, 4));
+    h.sock.send(&frame);
+    let deadline = Instant::now() + TIMEOUT;
+    let mut seen = Vec::new();
+    loop {
+        h.dev.process_rx();
+        while let Some(u) = h.g.rxq.pop_used() {
+            seen.push(u);
+        }
+        if seen.len() >= 5 {
+            break;
+        }
+        assert!(Instant::now() < deadline, "used ring: {seen:?}");
+        thread::sleep(Duration::from_millis(2));
+    }
+    let bad: Vec<_> = seen[..4].to_vec();
+    assert_eq!(bad, [h1, h2, h3, 100].map(|i| (u32::from(i), 0)).to_vec());
+    assert_eq!(seen[4].0, u32::from(good));
+    assert_eq!(h.dev.stats().rx_malformed, 4);
+    // The good buffer got a frame (ours, or some other traffic on the tap).
+    assert!(seen[4].1 > 12);
+}
+
+#[test]
+fn tap_in_another_network_namespace() {
+    require_root_and_tun();
+    let ns = unique("hkns");
+    ip_ok(&["netns", "add", &ns]);
+    let name = unique("hk");
+    let _cleanup = Cleanup {
+        link: name.clone(),
+        netns: Some(ns.clone()),
+    };
+    // A pre-existing persistent tap inside the namespace, as CNI plugins leave them.
+    ip_ok(&["-n", &ns, "tuntap", "add", "dev", &name, "mode", "tap"]);
+    let ns_path = PathBuf::from(format!("/var/run/netns/{ns}"));
+    let our_ns = std::fs::read_link("/proc/thread-self/ns/net").unwrap();
+    let mut dev = Net::new(NetConfig {
+        tap_name: name.clone(),
+        mac: Some(GUEST_MAC),
+        netns: Some(ns_path.clone()),
+    })
+    .unwrap();
+    assert!(ip(&["-n", &ns, "link", "show", &name]).status.success());
+    assert!(
+        !ip(&["link", "show", &name]).status.success(),
+        "tap leaked into the host namespace"
+    );
+    // Our own namespace is untouched.
+    assert_eq!(
+        std::fs::read_link("/proc/thread-self/ns/net").unwrap(),
+        our_ns
+    );
+    ip_ok(&["-n", &ns, "link", "set", "dev", &name, "up"]);
+
+    let mem = test_memory();
+    let mut g = Guest::new(&mem);
+    dev.ack_features(feat(&[VIRTIO_NET_F_MRG_RXBUF]));
+    dev.activate(
+        mem,
+        vec![g.rxq.device_queue(), g.txq.device_queue()],
+        (0..2)
+            .map(|_| EventFd::new(libc::EFD_NONBLOCK).unwrap())
+            .collect(),
+        IrqTrigger::new().unwrap(),
+    )
+    .unwrap();
+    let sock = PacketSock::open(&name, Some(&ns_path));
+    let frame = eth_frame([0xff; 6], GUEST_MAC, b"hello from the guest");
+    g.send([0; 12], &frame, 4096);
+    dev.process_tx();
+    assert_eq!(sock.recv(TIMEOUT).expect("no frame in the netns"), frame);
+
+    g.post_rx(4, 2048);
+    let frame = eth_frame(GUEST_MAC, PEER_MAC, b"hello from the netns");
+    sock.send(&frame);
+    let deadline = Instant::now() + TIMEOUT;
+    loop {
+        dev.process_rx();
+        if let Some((_, got, _)) = g.recv() {
+            if got[12..14] == ETHERTYPE.to_be_bytes() {
+                assert_eq!(got, frame);
+                break;
+            }
+        }
+        assert!(Instant::now() < deadline, "no frame from the netns");
+        thread::sleep(Duration::from_millis(2));
+    }
+}
+
+/// The whole stack as the VMM wires it: MMIO registers, an event manager thread, notifications
+/// through the transport, interrupts through the irq eventfd, and rx backpressure through the
+/// tap's epoll registration.
+#[test]
+fn event_manager_drives_device_through_mmio_transport() {
+    require_root_and_tun();
+    let name = unique("hk");
+    let _cleanup = Cleanup {
+        link: name.clone(),
+        netns: None,
+    };
+    let net = Arc::new(Mutex::new(
+        Net::new(NetConfig {
+            tap_name: name.clone(),
+            mac: Some(GUEST_MAC),
+            netns: None,
+        })
+        .unwrap(),
+    ));
+    link_up(&name);
+    let sock = PacketSock::open(&name, None);
+    let mem = test_memory();
+    let mut t = MmioTransport::new(mem.clone(), net.clone()).unwrap();
+    let mut em = EventManager::<Arc<Mutex<Net>>>::new().unwrap();
+    em.add_subscriber(net.clone());
+    let stop = Arc::new(AtomicBool::new(false));
+    let stop2 = stop.clone();
+    let loop_thread = thread::spawn(move || {
+        while !stop2.load(Ordering::SeqCst) {
+            em.run_with_timeout(10).unwrap();
+        }
+    });
+
+    let w = |t: &mut MmioTransport, off: u64, v: u32| t.write(off, &v.to_le_bytes());
+    let r = |t: &mut MmioTransport, off: u64| {
+        let mut b = [0u8; 4];
+        t.read(off, &mut b);
+        u32::from_le_bytes(b)
+    };
+    assert_eq!(r(&mut t, 0x08), 1);
+    let mut g = Guest::new(&mem);
+    w(&mut t, 0x70, 1);
+    w(&mut t, 0x70, 3);
+    for sel in 0..2 {
+        w(&mut t, 0x14, sel);
+        let offered = r(&mut t, 0x10);
+        w(&mut t, 0x24, sel);
+        w(&mut t, 0x20, offered);
+    }
+    w(&mut t, 0x70, 11);
+    for (i, q) in [&g.rxq, &g.txq].into_iter().enumerate() {
+        let (d, a, u) = q.addrs();
+        w(&mut t, 0x30, i as u32);
+        w(&mut t, 0x38, u32::from(QSIZE));
+        w(&mut t, 0x80, d as u32);
+        w(&mut t, 0x90, a as u32);
+        w(&mut t, 0xa0, u as u32);
+        w(&mut t, 0x44, 1);
+    }
+    w(&mut t, 0x70, 15);
+    assert_eq!(t.status(), 15);
+    let mac: Vec<u8> = (0..6u64)
+        .map(|i| {
+            let mut b = [0u8; 1];
+            t.read(0x100 + i, &mut b);
+            b[0]
+        })
+        .collect();
+    assert_eq!(mac, GUEST_MAC);
+
+    // tx through the queue notification.
+    let frame = eth_frame([0xff; 6], GUEST_MAC, b"tx via mmio");
+    g.send([0; 12], &frame, 4096);
+    w(&mut t, 0x50, 1);
+    assert_eq!(sock.recv(TIMEOUT).expect("tx frame"), frame);
+
+    let wait_rx = |g: &mut Guest, want: &[u8]| {
+        let deadline = Instant::now() + TIMEOUT;
+        loop {
+            if let Some((_, got, _)) = g.recv() {
+                if got[12..14] == ETHERTYPE.to_be_bytes() {
+                    assert_eq!(got, want);
+                    return;
+                }
+            }
+            assert!(Instant::now() < deadline, "rx frame never arrived");
+            thread::sleep(Duration::from_millis(2));
+        }
+    };
+    // rx with buffers posted.
+    g.post_rx(4, 2048);
+    w(&mut t, 0x50, 0);
+    let frame = eth_frame(GUEST_MAC, PEER_MAC, b"rx via mmio");
+    sock.send(&frame);
+    wait_rx(&mut g, &frame);
+    assert!(t.interrupt_evt().read().unwrap() >= 1);
+
+    // Use up the remaining buffers with frames of ours, then one more frame must wait.
+    for i in 0..3u8 {
+        let f = eth_frame(GUEST_MAC, PEER_MAC, &[i; 50]);
+        sock.send(&f);
+        wait_rx(&mut g, &f);
+    }
+    let waiting = eth_frame(GUEST_MAC, PEER_MAC, b"waits for a buffer");
+    sock.send(&waiting);
+    thread::sleep(Duration::from_millis(100));
+    assert!(g.rxq.pop_used().is_none());
+    assert!(!net.lock().unwrap().wants_tap_input());
+    g.post_rx(4, 2048);
+    w(&mut t, 0x50, 0);
+    wait_rx(&mut g, &waiting);
+
+    // Driver reset stops the device.
+    w(&mut t, 0x70, 0);
+    assert!(!net.lock().unwrap().is_active());
+    stop.store(true, Ordering::SeqCst);
+    loop_thread.join().unwrap();
+}
