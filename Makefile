@@ -53,8 +53,10 @@ lint:
 	$(CARGO) fmt --all --check
 	$(CARGO) clippy --workspace --all-targets --release -- -D warnings
 
+# Everything that runs without booting a VM (the husk-tests integration tests boot VMs: see e2e).
 unit:
-	$(CARGO) test --release --workspace --lib --bins
+	$(CARGO) test --release --workspace --exclude husk-tests
+	$(CARGO) test --release -p husk-tests --lib --bins
 
 # Everything that boots a VM runs in one test-host boot: the self-test, then the end-to-end tests.
 e2e: guest testhost

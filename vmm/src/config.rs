@@ -3,6 +3,8 @@
 use std::path::{Path, PathBuf};
 
 use crate::boot::mptable::MAX_VCPUS;
+pub use crate::devices::virtio::block::BlockConfig;
+pub use crate::devices::virtio::net::NetConfig;
 use crate::memory::MIN_MEM_MIB;
 
 /// Upper bound on guest RAM: far above any pod, low enough to catch a typo (MiB vs KiB).
@@ -38,7 +40,16 @@ pub struct VmConfig {
     pub cmdline_extra: Option<String>,
     pub console: ConsoleOutput,
     pub vsock: Option<VsockConfig>,
+    /// virtio-blk disks, in the order the guest names them (`/dev/vda`, `/dev/vdb`, ...).
+    pub disks: Vec<BlockConfig>,
+    /// virtio-net interfaces on taps, in the order the guest names them (`eth0`, ...).
+    pub nets: Vec<NetConfig>,
 }
+
+/// How many virtio-mmio devices fit: one 4 KiB window and one IOAPIC pin (5..=23) each.
+pub const MAX_VIRTIO_DEVICES: usize = 19;
+/// Linux interface names are at most 15 bytes.
+const MAX_IFNAME_LEN: usize = 15;
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum ConfigError {
@@ -56,6 +67,18 @@ pub enum ConfigError {
     VsockDir(PathBuf),
     #[error("console file directory {0} does not exist")]
     ConsoleDir(PathBuf),
+    #[error("disk image {0} does not exist or is not readable")]
+    DiskMissing(PathBuf),
+    #[error("tap name {0:?} must be 1 to 15 characters, without '/', ':' or whitespace")]
+    TapName(String),
+    #[error("{0} virtio devices requested; at most {MAX_VIRTIO_DEVICES} fit")]
+    TooManyDevices(usize),
+    #[error("{what} {spec:?}: {reason}")]
+    Spec {
+        what: &'static str,
+        spec: String,
+        reason: String,
+    },
 }
 
 fn readable_file(p: &Path) -> bool {
@@ -96,8 +119,101 @@ impl VmConfig {
         if let ConsoleOutput::File(f) = &self.console {
             parent_exists(f).map_err(ConfigError::ConsoleDir)?;
         }
+        for d in &self.disks {
+            if std::fs::File::open(&d.path).is_err() {
+                return Err(ConfigError::DiskMissing(d.path.clone()));
+            }
+        }
+        for n in &self.nets {
+            let name = &n.tap_name;
+            if name.is_empty()
+                || name.len() > MAX_IFNAME_LEN
+                || name.contains(|c: char| c == '/' || c == ':' || c.is_whitespace())
+            {
+                return Err(ConfigError::TapName(name.clone()));
+            }
+        }
+        let devices = self.disks.len() + self.nets.len() + usize::from(self.vsock.is_some());
+        if devices > MAX_VIRTIO_DEVICES {
+            return Err(ConfigError::TooManyDevices(devices));
+        }
         Ok(())
     }
+}
+
+/// Splits `key=value,flag,...` options; a bare word is a flag with an empty value.
+fn options(spec: &str) -> impl Iterator<Item = (&str, &str)> {
+    spec.split(',')
+        .filter(|p| !p.is_empty())
+        .map(|p| p.split_once('=').unwrap_or((p, "")))
+}
+
+/// `--disk path=FILE[,ro][,id=SERIAL]`
+pub fn parse_disk(spec: &str) -> Result<BlockConfig, ConfigError> {
+    let err = |reason: String| ConfigError::Spec {
+        what: "disk",
+        spec: spec.to_string(),
+        reason,
+    };
+    let mut disk = BlockConfig {
+        path: PathBuf::new(),
+        read_only: false,
+        id: None,
+    };
+    for (k, v) in options(spec) {
+        match (k, v) {
+            ("path", p) if !p.is_empty() => disk.path = p.into(),
+            ("ro", "") => disk.read_only = true,
+            ("id", id) if !id.is_empty() && id.len() <= 20 => disk.id = Some(id.to_string()),
+            ("id", _) => return Err(err("id must be 1 to 20 bytes".into())),
+            _ => return Err(err(format!("unknown or malformed option {k:?}"))),
+        }
+    }
+    if disk.path.as_os_str().is_empty() {
+        return Err(err("path=FILE is required".into()));
+    }
+    Ok(disk)
+}
+
+/// `--net tap=NAME[,mac=aa:bb:cc:dd:ee:ff][,netns=PATH]`
+pub fn parse_net(spec: &str) -> Result<NetConfig, ConfigError> {
+    let err = |reason: String| ConfigError::Spec {
+        what: "net",
+        spec: spec.to_string(),
+        reason,
+    };
+    let mut net = NetConfig {
+        tap_name: String::new(),
+        mac: None,
+        netns: None,
+    };
+    for (k, v) in options(spec) {
+        match (k, v) {
+            ("tap", name) => net.tap_name = name.to_string(),
+            ("mac", mac) => {
+                net.mac = Some(parse_mac(mac).ok_or_else(|| err(format!("bad MAC {mac:?}")))?)
+            }
+            ("netns", p) if !p.is_empty() => net.netns = Some(p.into()),
+            _ => return Err(err(format!("unknown or malformed option {k:?}"))),
+        }
+    }
+    if net.tap_name.is_empty() {
+        return Err(err("tap=NAME is required".into()));
+    }
+    Ok(net)
+}
+
+fn parse_mac(s: &str) -> Option<[u8; 6]> {
+    let mut mac = [0u8; 6];
+    let mut parts = s.split(':');
+    for b in &mut mac {
+        let p = parts.next()?;
+        if p.len() != 2 {
+            return None;
+        }
+        *b = u8::from_str_radix(p, 16).ok()?;
+    }
+    parts.next().is_none().then_some(mac)
 }
 
 #[cfg(test)]
@@ -116,7 +232,41 @@ mod tests {
                 guest_cid: 3,
                 uds_path: PathBuf::from("/tmp/v.sock"),
             }),
+            disks: Vec::new(),
+            nets: Vec::new(),
         }
+    }
+
+    #[test]
+    fn disk_and_net_specs() {
+        let d = parse_disk("path=/tmp/a.img,ro,id=rootfs").unwrap();
+        assert_eq!(d.path, PathBuf::from("/tmp/a.img"));
+        assert!(d.read_only);
+        assert_eq!(d.id.as_deref(), Some("rootfs"));
+        assert!(!parse_disk("path=/x").unwrap().read_only);
+        assert!(parse_disk("ro").is_err());
+        assert!(parse_disk("path=/x,id=123456789012345678901").is_err());
+        assert!(parse_disk("path=/x,bogus=1").is_err());
+
+        let n = parse_net("tap=tap0,mac=02:00:00:aa:bb:cc,netns=/var/run/netns/p").unwrap();
+        assert_eq!(n.tap_name, "tap0");
+        assert_eq!(n.mac, Some([2, 0, 0, 0xaa, 0xbb, 0xcc]));
+        assert_eq!(n.netns, Some(PathBuf::from("/var/run/netns/p")));
+        assert!(parse_net("mac=02:00:00:aa:bb:cc").is_err());
+        for bad in [
+            "02:00:00:aa:bb",
+            "02:00:00:aa:bb:cc:dd",
+            "zz:00:00:aa:bb:cc",
+            "2:0:0:a:b:c",
+        ] {
+            assert!(parse_net(&format!("tap=t,mac={bad}")).is_err(), "{bad}");
+        }
+        let mut c = good();
+        c.nets.push(parse_net("tap=this-name-is-too-long").unwrap());
+        assert!(matches!(c.validate(), Err(ConfigError::TapName(_))));
+        let mut c = good();
+        c.disks.push(parse_disk("path=/nonexistent.img").unwrap());
+        assert!(matches!(c.validate(), Err(ConfigError::DiskMissing(_))));
     }
 
     #[test]

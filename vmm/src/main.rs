@@ -40,6 +40,12 @@ struct Cli {
     /// The guest's vsock context id.
     #[arg(long, default_value_t = 3)]
     vsock_cid: u64,
+    /// A virtio-blk disk: `path=FILE[,ro][,id=SERIAL]` (repeatable; /dev/vda, /dev/vdb, ...).
+    #[arg(long = "disk", value_parser = husk_vmm::config::parse_disk)]
+    disks: Vec<husk_vmm::config::BlockConfig>,
+    /// A virtio-net interface on a tap: `tap=NAME[,mac=MAC][,netns=PATH]` (repeatable; eth0, ...).
+    #[arg(long = "net", value_parser = husk_vmm::config::parse_net)]
+    nets: Vec<husk_vmm::config::NetConfig>,
 }
 
 fn main() -> ExitCode {
@@ -80,6 +86,8 @@ fn main() -> ExitCode {
             guest_cid: cli.vsock_cid,
             uds_path,
         }),
+        disks: cli.disks,
+        nets: cli.nets,
     };
     if let Err(e) = config.validate() {
         eprintln!("husk-vmm: {e}");

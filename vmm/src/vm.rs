@@ -24,7 +24,9 @@ use crate::config::{ConsoleOutput, VmConfig, BASE_CMDLINE};
 use crate::devices::bus::{Bus, BusDevice};
 use crate::devices::i8042::{I8042, I8042_LEN, I8042_PORT};
 use crate::devices::serial::{SerialConsole, COM1_IRQ, COM1_LEN, COM1_PORT};
+use crate::devices::virtio::block::Block;
 use crate::devices::virtio::mmio::{MmioTransport, MMIO_LEN};
+use crate::devices::virtio::net::Net;
 use crate::devices::virtio::vsock::Vsock;
 use crate::devices::virtio::VirtioDevice;
 use crate::exit::{ExitLatch, VmExit};
@@ -72,8 +74,8 @@ pub enum VmError {
     Bus(#[from] crate::devices::bus::BusError),
     #[error("kernel command line: {0}")]
     Cmdline(linux_loader::cmdline::Error),
-    #[error("vsock device: {0}")]
-    Vsock(String),
+    #[error("{what} device: {reason}")]
+    Device { what: &'static str, reason: String },
     #[error("virtio-mmio transport: {0}")]
     Transport(String),
 }
@@ -171,24 +173,36 @@ impl Vm {
         let mut cmdline = boot::new_cmdline();
         cmdline.insert_str(BASE_CMDLINE).map_err(VmError::Cmdline)?;
 
-        let mut subscribers: Vec<Subscriber> = Vec::new();
-        let mut virtio_slot = 0u32;
-        if let Some(vs) = &config.vsock {
-            let dev = Vsock::new(vs.guest_cid, vs.uds_path.clone())
-                .map_err(|e| VmError::Vsock(e.to_string()))?;
-            let dev = Arc::new(Mutex::new(dev));
-            attach_virtio(
-                &vm_fd,
-                &mem,
-                &mut mmio,
-                &mut cmdline,
-                virtio_slot,
-                dev.clone(),
-            )?;
-            subscribers.push(dev);
-            virtio_slot += 1;
+        let mut virtio = VirtioSlots {
+            vm_fd: &vm_fd,
+            mem: &mem,
+            mmio: &mut mmio,
+            cmdline: &mut cmdline,
+            subscribers: Vec::new(),
+        };
+        for disk in &config.disks {
+            let dev = Block::new(disk.clone()).map_err(|e| VmError::Device {
+                what: "virtio-blk",
+                reason: e.to_string(),
+            })?;
+            virtio.attach(dev)?;
         }
-        let _ = virtio_slot;
+        for net in &config.nets {
+            let dev = Net::new(net.clone()).map_err(|e| VmError::Device {
+                what: "virtio-net",
+                reason: e.to_string(),
+            })?;
+            virtio.attach(dev)?;
+        }
+        if let Some(vs) = &config.vsock {
+            let dev =
+                Vsock::new(vs.guest_cid, vs.uds_path.clone()).map_err(|e| VmError::Device {
+                    what: "virtio-vsock",
+                    reason: e.to_string(),
+                })?;
+            virtio.attach(dev)?;
+        }
+        let subscribers = virtio.subscribers;
 
         if let Some(extra) = &config.cmdline_extra {
             cmdline.insert_str(extra).map_err(VmError::Cmdline)?;
@@ -302,38 +316,47 @@ fn register_memory(vm_fd: &VmFd, mem: &GuestMemory) -> Result<(), VmError> {
     Ok(())
 }
 
-/// Puts a virtio device behind an MMIO transport in `slot`: bus window, queue-notify ioeventfds,
-/// interrupt irqfd and its `virtio_mmio.device=` entry on the kernel command line.
-fn attach_virtio(
-    vm_fd: &VmFd,
-    mem: &GuestMemory,
-    mmio: &mut Bus,
-    cmdline: &mut linux_loader::cmdline::Cmdline,
-    slot: u32,
-    device: Arc<Mutex<dyn VirtioDevice>>,
-) -> Result<(), VmError> {
-    let base = VIRTIO_MMIO_START + slot as u64 * MMIO_LEN;
-    let irq = VIRTIO_FIRST_IRQ + slot;
-    let transport =
-        MmioTransport::new(mem.clone(), device).map_err(|e| VmError::Transport(e.to_string()))?;
-    for (i, evt) in transport.queue_evts().iter().enumerate() {
-        vm_fd
-            .register_ioevent(
-                evt,
-                &IoEventAddress::Mmio(base + VIRTIO_MMIO_QUEUE_NOTIFY),
-                i as u32,
-            )
-            .map_err(kvm_err("register virtio queue ioeventfd"))?;
+/// Hands out virtio-mmio slots: each device gets a 4 KiB window, a GSI, queue-notify ioeventfds, an
+/// irqfd, a `virtio_mmio.device=` entry on the kernel command line, and a place in the event loop.
+struct VirtioSlots<'a> {
+    vm_fd: &'a VmFd,
+    mem: &'a GuestMemory,
+    mmio: &'a mut Bus,
+    cmdline: &'a mut linux_loader::cmdline::Cmdline,
+    subscribers: Vec<Subscriber>,
+}
+
+impl VirtioSlots<'_> {
+    fn attach<D>(&mut self, device: D) -> Result<(), VmError>
+    where
+        D: VirtioDevice + MutEventSubscriber + Send + 'static,
+    {
+        let slot = self.subscribers.len() as u64;
+        let base = VIRTIO_MMIO_START + slot * MMIO_LEN;
+        let irq = VIRTIO_FIRST_IRQ + slot as u32;
+        let device = Arc::new(Mutex::new(device));
+        let transport = MmioTransport::new(self.mem.clone(), device.clone())
+            .map_err(|e| VmError::Transport(e.to_string()))?;
+        for (i, evt) in transport.queue_evts().iter().enumerate() {
+            self.vm_fd
+                .register_ioevent(
+                    evt,
+                    &IoEventAddress::Mmio(base + VIRTIO_MMIO_QUEUE_NOTIFY),
+                    i as u32,
+                )
+                .map_err(kvm_err("register virtio queue ioeventfd"))?;
+        }
+        self.vm_fd
+            .register_irqfd(transport.interrupt_evt(), irq)
+            .map_err(kvm_err("register virtio irqfd"))?;
+        let transport: Arc<Mutex<dyn BusDevice>> = Arc::new(Mutex::new(transport));
+        self.mmio.insert(transport, base, MMIO_LEN)?;
+        self.cmdline
+            .add_virtio_mmio_device(MMIO_LEN, GuestAddress(base), irq, None)
+            .map_err(VmError::Cmdline)?;
+        self.subscribers.push(device);
+        Ok(())
     }
-    vm_fd
-        .register_irqfd(transport.interrupt_evt(), irq)
-        .map_err(kvm_err("register virtio irqfd"))?;
-    let transport: Arc<Mutex<dyn BusDevice>> = Arc::new(Mutex::new(transport));
-    mmio.insert(transport, base, MMIO_LEN)?;
-    cmdline
-        .add_virtio_mmio_device(MMIO_LEN, GuestAddress(base), irq, None)
-        .map_err(VmError::Cmdline)?;
-    Ok(())
 }
 
 /// The device event loop: virtio queue notifications and backend sockets, on one thread.
