@@ -13,7 +13,7 @@ TESTHOST := tests/testhost/run
 
 # Debian packages the build and the tests need on the host (the L1 test host brings its own).
 APT_PACKAGES := linux-source-6.1 flex bison bc libelf-dev libssl-dev cpio xz-utils gcc libc6-dev make \
-	qemu-system-x86 debootstrap e2fsprogs jq
+	qemu-system-x86 debootstrap e2fsprogs jq busybox-static
 
 .PHONY: all deps build agent guest testhost lint unit e2e test bench demo clean
 
@@ -40,14 +40,16 @@ agent:
 # Guest kernel and the guest image (agent as /init).
 guest: agent build
 	guest-kernel/build.sh guest build/guest guest-kernel/microvm.config
-	$(ROOTFS_BUILDER) initrd --agent $(AGENT) --out build/guest/initrd.img
+	$(ROOTFS_BUILDER) initrd --init $(AGENT) --out build/guest/initrd.img
 
 # The nested test host (L1): its kernel, its Debian root filesystem, and the marker-init guest image.
 testhost: build
 	guest-kernel/build.sh l1 build/testhost guest-kernel/microvm.config tests/testhost/l1-kernel.config
 	tests/testhost/build-rootfs.sh build/testhost/rootfs.ext4
 	gcc -static -Os -o build/testhost/marker-init tests/testhost/marker-init.c
-	$(ROOTFS_BUILDER) initrd --agent build/testhost/marker-init --out build/testhost/marker-initrd.img
+	$(ROOTFS_BUILDER) initrd --init build/testhost/marker-init --out build/testhost/marker-initrd.img
+	$(ROOTFS_BUILDER) initrd --init tests/images/guest-e2e.sh --add /bin/busybox:bin/busybox \
+		--out build/testhost/e2e-initrd.img
 
 lint:
 	$(CARGO) fmt --all --check

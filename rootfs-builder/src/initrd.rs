@@ -46,13 +46,14 @@ pub enum Entry {
     },
 }
 
-/// What the guest image holds besides the agent.
-pub fn guest_entries(agent: &Path) -> Vec<Entry> {
+/// What the guest image holds: `init` as /init, plus `extra` files as (host path, path in the image);
+/// their parent directories are created.
+pub fn guest_entries(init: &Path, extra: &[(PathBuf, String)]) -> Vec<Entry> {
     let dir = |p: &str| Entry::Dir {
         path: p.into(),
         mode: 0o755,
     };
-    vec![
+    let mut entries = vec![
         dir("dev"),
         Entry::CharDev {
             path: "dev/console".into(),
@@ -74,12 +75,40 @@ pub fn guest_entries(agent: &Path) -> Vec<Entry> {
             mode: 0o1777,
         },
         dir("etc"),
-        Entry::File {
-            path: "init".into(),
+    ];
+    entries.push(Entry::File {
+        path: "init".into(),
+        mode: 0o755,
+        source: init.to_path_buf(),
+    });
+    for (source, dest) in extra {
+        let dest = dest.trim_start_matches('/');
+        // Parent directories first, each once.
+        let mut parent = String::new();
+        for part in dest
+            .split('/')
+            .collect::<Vec<_>>()
+            .split_last()
+            .map_or(&[][..], |(_, p)| p)
+        {
+            if !parent.is_empty() {
+                parent.push('/');
+            }
+            parent.push_str(part);
+            if !entries
+                .iter()
+                .any(|e| matches!(e, Entry::Dir { path, .. } if *path == parent))
+            {
+                entries.push(dir(&parent));
+            }
+        }
+        entries.push(Entry::File {
+            path: dest.to_string(),
             mode: 0o755,
-            source: agent.to_path_buf(),
-        },
-    ]
+            source: source.clone(),
+        });
+    }
+    entries
 }
 
 /// Writes `entries` as a cpio newc archive.
@@ -148,17 +177,24 @@ pub fn write_archive<W: Write>(entries: &[Entry], out: W) -> Result<W, InitrdErr
     cpio::newc::trailer(out).map_err(werr)
 }
 
-/// Builds the guest initrd at `out` (written to a temporary file, then renamed into place).
-pub fn build_guest_initrd(agent: &Path, out: &Path) -> Result<u64, InitrdError> {
+/// Builds the guest initrd at `out` (written to a temporary file, then renamed into place) with `init`
+/// (the agent, in production) as /init and `extra` executables at the given image paths.
+pub fn build_guest_initrd(
+    init: &Path,
+    extra: &[(PathBuf, String)],
+    out: &Path,
+) -> Result<u64, InitrdError> {
     use std::os::unix::fs::PermissionsExt;
-    let meta = std::fs::metadata(agent).map_err(|source| InitrdError::Read {
-        path: agent.to_path_buf(),
-        source,
-    })?;
-    if !meta.is_file() || meta.permissions().mode() & 0o111 == 0 {
-        return Err(InitrdError::NotExecutable {
-            path: agent.to_path_buf(),
-        });
+    for exe in std::iter::once(init).chain(extra.iter().map(|(p, _)| p.as_path())) {
+        let meta = std::fs::metadata(exe).map_err(|source| InitrdError::Read {
+            path: exe.to_path_buf(),
+            source,
+        })?;
+        if !meta.is_file() || meta.permissions().mode() & 0o111 == 0 {
+            return Err(InitrdError::NotExecutable {
+                path: exe.to_path_buf(),
+            });
+        }
     }
     let tmp = out.with_extension("tmp");
     let werr = |source| InitrdError::Write {
@@ -166,7 +202,7 @@ pub fn build_guest_initrd(agent: &Path, out: &Path) -> Result<u64, InitrdError> 
         source,
     };
     let file = File::create(&tmp).map_err(werr)?;
-    let w = write_archive(&guest_entries(agent), BufWriter::new(file))?;
+    let w = write_archive(&guest_entries(init, extra), BufWriter::new(file))?;
     let file = w.into_inner().map_err(|e| werr(e.into_error()))?;
     file.sync_all().map_err(werr)?;
     let size = file.metadata().map_err(werr)?.len();
@@ -193,8 +229,9 @@ mod tests {
         std::fs::write(&agent, b"\x7fELF fake agent bytes").unwrap();
         std::fs::set_permissions(&agent, std::fs::Permissions::from_mode(0o755)).unwrap();
         let (a, b) = (d.join("a.img"), d.join("b.img"));
-        build_guest_initrd(&agent, &a).unwrap();
-        build_guest_initrd(&agent, &b).unwrap();
+        let extra = vec![(agent.clone(), "/usr/bin/tool".to_string())];
+        build_guest_initrd(&agent, &extra, &a).unwrap();
+        build_guest_initrd(&agent, &extra, &b).unwrap();
         let bytes = std::fs::read(&a).unwrap();
         assert_eq!(bytes, std::fs::read(&b).unwrap());
 
@@ -221,6 +258,8 @@ mod tests {
         assert!(names.contains(&("dev/console".into(), 0o020600, 5, 1, 0)));
         assert!(names.contains(&("init".into(), 0o100755, 0, 0, 0)));
         assert!(names.iter().any(|n| n.0 == "proc" && n.1 == 0o040755));
+        let pos = |p: &str| names.iter().position(|n| n.0 == p).unwrap();
+        assert!(pos("usr") < pos("usr/bin") && pos("usr/bin") < pos("usr/bin/tool"));
         std::fs::remove_dir_all(d).unwrap();
     }
 
@@ -229,14 +268,14 @@ mod tests {
         let d = temp_dir("bad");
         let out = d.join("x.img");
         assert!(matches!(
-            build_guest_initrd(&d.join("nope"), &out),
+            build_guest_initrd(&d.join("nope"), &[], &out),
             Err(InitrdError::Read { .. })
         ));
         let plain = d.join("plain");
         std::fs::write(&plain, b"x").unwrap();
         std::fs::set_permissions(&plain, std::fs::Permissions::from_mode(0o644)).unwrap();
         assert!(matches!(
-            build_guest_initrd(&plain, &out),
+            build_guest_initrd(&plain, &[], &out),
             Err(InitrdError::NotExecutable { .. })
         ));
         assert!(!out.exists());

@@ -17,11 +17,14 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Cmd {
-    /// The guest initrd: the static agent as /init, reproducible cpio (newc).
+    /// A guest initrd, reproducible cpio (newc): the static agent (or a test init) as /init.
     Initrd {
-        /// The statically linked husk-agent binary.
-        #[arg(long)]
-        agent: PathBuf,
+        /// The program to run as /init: the statically linked husk-agent in production.
+        #[arg(long, visible_alias = "agent")]
+        init: PathBuf,
+        /// An extra executable for the image: HOST_PATH:IMAGE_PATH (repeatable; test images only).
+        #[arg(long = "add", value_parser = parse_add)]
+        add: Vec<(PathBuf, String)>,
         /// Output file, e.g. build/guest/initrd.img.
         #[arg(long)]
         out: PathBuf,
@@ -30,19 +33,28 @@ enum Cmd {
 
 fn main() -> anyhow::Result<()> {
     match Cli::parse().cmd {
-        Cmd::Initrd { agent, out } => {
+        Cmd::Initrd { init, add, out } => {
             if let Some(dir) = out.parent() {
                 std::fs::create_dir_all(dir)
                     .with_context(|| format!("creating {}", dir.display()))?;
             }
-            let size = husk_rootfs_builder::initrd::build_guest_initrd(&agent, &out)?;
+            let size = husk_rootfs_builder::initrd::build_guest_initrd(&init, &add, &out)?;
             println!(
-                "initrd {} ({} KiB, agent {})",
+                "initrd {} ({} KiB, /init from {})",
                 out.display(),
                 size / 1024,
-                agent.display()
+                init.display()
             );
         }
     }
     Ok(())
+}
+
+fn parse_add(s: &str) -> Result<(PathBuf, String), String> {
+    match s.split_once(':') {
+        Some((host, image)) if !host.is_empty() && !image.trim_start_matches('/').is_empty() => {
+            Ok((host.into(), image.to_string()))
+        }
+        _ => Err(format!("expected HOST_PATH:IMAGE_PATH, got {s:?}")),
+    }
 }

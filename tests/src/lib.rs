@@ -53,6 +53,8 @@ pub struct Artifacts {
     pub initrd: PathBuf,
     /// A guest image whose /init prints `HUSK-GUEST-INIT ...` and reboots.
     pub marker_initrd: PathBuf,
+    /// The device test image (tests/images/guest-e2e.sh as /init, with busybox).
+    pub e2e_initrd: PathBuf,
 }
 
 impl Artifacts {
@@ -63,12 +65,14 @@ impl Artifacts {
             kernel: root.join("build/guest/vmlinux"),
             initrd: root.join("build/guest/initrd.img"),
             marker_initrd: root.join("build/testhost/marker-initrd.img"),
+            e2e_initrd: root.join("build/testhost/e2e-initrd.img"),
         };
         for (what, path, hint) in [
             ("VMM binary", &a.vmm, "run 'make build'"),
             ("guest kernel", &a.kernel, "run 'make guest'"),
             ("guest initrd", &a.initrd, "run 'make guest'"),
             ("marker initrd", &a.marker_initrd, "run 'make testhost'"),
+            ("device test initrd", &a.e2e_initrd, "run 'make testhost'"),
         ] {
             if !path.is_file() {
                 return Err(HarnessError::Missing {
@@ -100,6 +104,8 @@ pub struct VmOptions {
     pub extra_cmdline: Option<String>,
     /// Console to a pipe that the harness reads (needed for `wait_console_line`), else to a file.
     pub console_to_pipe: bool,
+    /// More husk-vmm arguments (`--disk ...`, `--net ...`).
+    pub extra_args: Vec<String>,
 }
 
 impl VmOptions {
@@ -110,6 +116,7 @@ impl VmOptions {
             initrd: a.initrd.clone(),
             extra_cmdline: None,
             console_to_pipe: false,
+            extra_args: Vec::new(),
         }
     }
 }
@@ -147,6 +154,7 @@ impl VmProcess {
         if let Some(c) = &o.extra_cmdline {
             cmd.arg("--cmdline").arg(c);
         }
+        cmd.args(&o.extra_args);
         if o.console_to_pipe {
             cmd.arg("--console").arg("stdout").stdout(Stdio::piped());
         } else {
@@ -225,6 +233,37 @@ impl VmProcess {
                 Err(_) => {
                     return Err(HarnessError::Timeout(format!(
                         "no console line containing {needle:?} within {timeout:?}"
+                    )))
+                }
+            }
+        }
+    }
+
+    /// Collects console lines up to and including the first one containing `needle`.
+    pub fn console_until(
+        &mut self,
+        needle: &str,
+        timeout: Duration,
+    ) -> Result<Vec<String>, HarnessError> {
+        let rx = self
+            .console_lines
+            .as_ref()
+            .ok_or_else(|| HarnessError::Timeout("console is not piped".into()))?;
+        let deadline = Instant::now() + timeout;
+        let mut lines = Vec::new();
+        loop {
+            match rx.recv_timeout(deadline.saturating_duration_since(Instant::now())) {
+                Ok((_, line)) => {
+                    let done = line.contains(needle);
+                    lines.push(line);
+                    if done {
+                        return Ok(lines);
+                    }
+                }
+                Err(_) => {
+                    return Err(HarnessError::Timeout(format!(
+                        "no console line containing {needle:?} within {timeout:?}; got:\n{}",
+                        lines.join("\n")
                     )))
                 }
             }

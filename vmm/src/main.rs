@@ -28,8 +28,8 @@ struct Cli {
     /// Guest memory in MiB.
     #[arg(long, default_value_t = 128)]
     mem_mib: u64,
-    /// Extra kernel command line, appended to the built-in one.
-    #[arg(long)]
+    /// Extra kernel command line, appended to the built-in one (may start with `--`: init arguments).
+    #[arg(long, allow_hyphen_values = true)]
     cmdline: Option<String>,
     /// Where the guest serial console goes: a file path, `stdout`, or `none`.
     #[arg(long, default_value = "stdout")]
