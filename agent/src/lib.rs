@@ -3,6 +3,7 @@
 //! engine.
 
 pub mod cli;
+pub mod container;
 pub mod guest_info;
 pub mod init;
 pub mod logging;

@@ -9,6 +9,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use husk_agent::cli::{self, Command, USAGE};
+use husk_agent::container::{Engine, EngineConfig};
 use husk_agent::reaper::Reaper;
 use husk_agent::server::{self, Listen};
 use husk_agent::shutdown::{Mode, Shutdown};
@@ -103,10 +104,10 @@ fn main() {
 
 /// Reaper and server, each restarted whenever it stops. Never returns.
 async fn run(listen: Listen, reaper: Arc<Reaper>, shutdown: Arc<Shutdown>) -> ! {
-    tokio::spawn(server::supervise("reaper", move || {
-        Arc::clone(&reaper).run()
-    }));
-    let agent = service::Agent::new(shutdown);
+    let r = Arc::clone(&reaper);
+    tokio::spawn(server::supervise("reaper", move || Arc::clone(&r).run()));
+    let engine = Engine::new(EngineConfig::default(), Arc::clone(&reaper));
+    let agent = service::Agent::new(shutdown, engine);
     server::supervise("server", move || {
         let listen = listen.clone();
         let agent = agent.clone();

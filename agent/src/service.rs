@@ -1,17 +1,36 @@
 //! The gRPC `husk.agent.v1.AgentService` implementation.
 
+use std::path::PathBuf;
+use std::pin::Pin;
 use std::sync::Arc;
 
 use husk_proto::v1::agent_service_server::{AgentService, AgentServiceServer};
-use husk_proto::v1::{
-    GuestInfoRequest, GuestInfoResponse, PingRequest, PingResponse, ShutdownRequest,
-    ShutdownResponse,
-};
-use husk_proto::{API_VERSION, MAX_MESSAGE_SIZE};
+use husk_proto::v1::*;
+use husk_proto::{API_VERSION, MAX_MESSAGE_SIZE, MAX_STDIN_CHUNK, MAX_STDIO_CHUNK};
+use tokio_stream::wrappers::ReceiverStream;
+use tokio_stream::{Stream, StreamExt};
 use tonic::{Request, Response, Status};
 
+use crate::container::{self, CreateParams, Engine, EngineError, ExecParams};
 use crate::guest_info;
 use crate::shutdown::Shutdown;
+
+/// Chunks buffered between a process's pipe and its gRPC output stream.
+const STDIO_DEPTH: usize = 4;
+/// Most pids returned by ListProcesses.
+const MAX_LIST_PIDS: usize = 65536;
+
+type BoxStream<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send + 'static>>;
+
+/// Runs blocking engine work off the async workers.
+async fn blocking<T: Send + 'static>(
+    f: impl FnOnce() -> Result<T, EngineError> + Send + 'static,
+) -> Result<T, Status> {
+    match tokio::task::spawn_blocking(f).await {
+        Ok(r) => r.map_err(Status::from),
+        Err(e) => Err(Status::internal(format!("engine task: {e}"))),
+    }
+}
 
 /// Version of this agent binary, reported by `Ping`.
 pub const AGENT_VERSION: &str = env!("CARGO_PKG_VERSION");
@@ -20,12 +39,33 @@ pub const AGENT_VERSION: &str = env!("CARGO_PKG_VERSION");
 #[derive(Debug, Clone)]
 pub struct Agent {
     shutdown: Arc<Shutdown>,
+    engine: Arc<Engine>,
 }
 
 impl Agent {
-    /// A service that fires `shutdown` on the `Shutdown` RPC.
-    pub fn new(shutdown: Arc<Shutdown>) -> Self {
-        Self { shutdown }
+    /// A service that fires `shutdown` on the `Shutdown` RPC and runs
+    /// containers with `engine`.
+    pub fn new(shutdown: Arc<Shutdown>, engine: Arc<Engine>) -> Self {
+        Self { shutdown, engine }
+    }
+
+    fn output(
+        &self,
+        id: &str,
+        exec_id: &str,
+        stderr: bool,
+    ) -> Result<tokio::sync::mpsc::Receiver<std::io::Result<Vec<u8>>>, Status> {
+        let p = self.engine.process(id, exec_id)?;
+        let out = if stderr {
+            &p.stdio.stderr
+        } else {
+            &p.stdio.stdout
+        };
+        Ok(container::stdio::read_stream(
+            out,
+            MAX_STDIO_CHUNK,
+            STDIO_DEPTH,
+        )?)
     }
 
     /// Wraps the service in the generated tonic server with message caps.
@@ -75,6 +115,307 @@ impl AgentService for Agent {
         }
         Ok(Response::new(ShutdownResponse {}))
     }
+
+    async fn create_container(
+        &self,
+        req: Request<CreateContainerRequest>,
+    ) -> Result<Response<CreateContainerResponse>, Status> {
+        let r = req.into_inner();
+        let engine = Arc::clone(&self.engine);
+        let params = CreateParams {
+            id: r.container_id.clone(),
+            spec_json: r.oci_spec_json,
+            rootfs: PathBuf::from(r.rootfs_path),
+            stdin: r.stdin,
+            terminal: r.terminal,
+        };
+        let pid = blocking(move || engine.create(params)).await?;
+        Ok(Response::new(CreateContainerResponse {
+            container_id: r.container_id,
+            pid: pid as u32,
+        }))
+    }
+
+    async fn start_container(
+        &self,
+        req: Request<StartContainerRequest>,
+    ) -> Result<Response<StartContainerResponse>, Status> {
+        let r = req.into_inner();
+        let engine = Arc::clone(&self.engine);
+        let id = r.container_id.clone();
+        blocking(move || engine.start(&id)).await?;
+        Ok(Response::new(StartContainerResponse {
+            container_id: r.container_id,
+        }))
+    }
+
+    async fn exec_process(
+        &self,
+        req: Request<ExecProcessRequest>,
+    ) -> Result<Response<ExecProcessResponse>, Status> {
+        let r = req.into_inner();
+        let engine = Arc::clone(&self.engine);
+        let params = ExecParams {
+            id: r.container_id.clone(),
+            exec_id: r.exec_id.clone(),
+            process_json: r.process_json,
+            stdin: r.stdin,
+            terminal: r.terminal,
+        };
+        let pid = blocking(move || engine.exec(params)).await?;
+        Ok(Response::new(ExecProcessResponse {
+            container_id: r.container_id,
+            exec_id: r.exec_id,
+            pid: pid as u32,
+        }))
+    }
+
+    async fn signal_process(
+        &self,
+        req: Request<SignalProcessRequest>,
+    ) -> Result<Response<SignalProcessResponse>, Status> {
+        let r = req.into_inner();
+        self.engine
+            .signal(&r.container_id, &r.exec_id, r.signal, r.all)?;
+        Ok(Response::new(SignalProcessResponse {}))
+    }
+
+    async fn wait_process(
+        &self,
+        req: Request<WaitProcessRequest>,
+    ) -> Result<Response<WaitProcessResponse>, Status> {
+        let r = req.into_inner();
+        let exit = self.engine.wait(&r.container_id, &r.exec_id).await?;
+        Ok(Response::new(WaitProcessResponse {
+            container_id: r.container_id,
+            exec_id: r.exec_id,
+            exit_status: exit.status,
+            exited_at_unix_nanos: exit.at_unix_nanos,
+            oom_killed: exit.oom_killed,
+        }))
+    }
+
+    async fn remove_container(
+        &self,
+        req: Request<RemoveContainerRequest>,
+    ) -> Result<Response<RemoveContainerResponse>, Status> {
+        let r = req.into_inner();
+        self.engine.remove(&r.container_id, r.force).await?;
+        Ok(Response::new(RemoveContainerResponse {}))
+    }
+
+    async fn list_processes(
+        &self,
+        req: Request<ListProcessesRequest>,
+    ) -> Result<Response<ListProcessesResponse>, Status> {
+        let r = req.into_inner();
+        let engine = Arc::clone(&self.engine);
+        let id = r.container_id.clone();
+        let (procs, pids) = blocking(move || engine.list(&id, MAX_LIST_PIDS)).await?;
+        Ok(Response::new(ListProcessesResponse {
+            container_id: r.container_id,
+            processes: procs
+                .into_iter()
+                .map(|p| ListedProcess {
+                    exec_id: p.exec_id,
+                    pid: p.pid as u32,
+                    exited: p.exit.is_some(),
+                    exit_status: p.exit.map_or(0, |e| e.status),
+                })
+                .collect(),
+            pids: pids.into_iter().map(|p| p as u32).collect(),
+        }))
+    }
+
+    type ReadStdoutStream = BoxStream<ReadStdoutResponse>;
+
+    async fn read_stdout(
+        &self,
+        req: Request<ReadStdoutRequest>,
+    ) -> Result<Response<Self::ReadStdoutStream>, Status> {
+        let r = req.into_inner();
+        let rx = self.output(&r.container_id, &r.exec_id, false)?;
+        let s = ReceiverStream::new(rx).map(|c| {
+            c.map(|data| ReadStdoutResponse { data })
+                .map_err(|e| Status::internal(format!("reading stdout: {e}")))
+        });
+        Ok(Response::new(Box::pin(s)))
+    }
+
+    type ReadStderrStream = BoxStream<ReadStderrResponse>;
+
+    async fn read_stderr(
+        &self,
+        req: Request<ReadStderrRequest>,
+    ) -> Result<Response<Self::ReadStderrStream>, Status> {
+        let r = req.into_inner();
+        let rx = self.output(&r.container_id, &r.exec_id, true)?;
+        let s = ReceiverStream::new(rx).map(|c| {
+            c.map(|data| ReadStderrResponse { data })
+                .map_err(|e| Status::internal(format!("reading stderr: {e}")))
+        });
+        Ok(Response::new(Box::pin(s)))
+    }
+
+    async fn write_stdin(
+        &self,
+        req: Request<WriteStdinRequest>,
+    ) -> Result<Response<WriteStdinResponse>, Status> {
+        let r = req.into_inner();
+        if r.data.len() > MAX_STDIN_CHUNK {
+            return Err(Status::invalid_argument(format!(
+                "data: {} bytes, limit {MAX_STDIN_CHUNK}",
+                r.data.len()
+            )));
+        }
+        let p = self.engine.process(&r.container_id, &r.exec_id)?;
+        let fd = container::state::lock(&p.stdio.stdin).clone();
+        let Some(fd) = fd else {
+            return Err(Status::failed_precondition(
+                "stdin is closed or was not requested",
+            ));
+        };
+        let n = container::stdio::write_all(fd, r.data)
+            .await
+            .map_err(|e| Status::failed_precondition(format!("writing stdin: {e}")))?;
+        Ok(Response::new(WriteStdinResponse { written: n as u32 }))
+    }
+
+    async fn close_stdin(
+        &self,
+        req: Request<CloseStdinRequest>,
+    ) -> Result<Response<CloseStdinResponse>, Status> {
+        let r = req.into_inner();
+        let p = self.engine.process(&r.container_id, &r.exec_id)?;
+        let fd = container::state::lock(&p.stdio.stdin).take();
+        if let (Some(fd), true) = (fd, p.stdio.pty.is_some()) {
+            // A terminal has no EOF of its own: send VEOF (^D).
+            let _ = container::stdio::write_all(fd, vec![4]).await;
+        }
+        Ok(Response::new(CloseStdinResponse {}))
+    }
+
+    async fn resize_pty(
+        &self,
+        req: Request<ResizePtyRequest>,
+    ) -> Result<Response<ResizePtyResponse>, Status> {
+        let r = req.into_inner();
+        let (Ok(rows), Ok(cols)) = (u16::try_from(r.rows), u16::try_from(r.cols)) else {
+            return Err(Status::invalid_argument("rows/cols: must be 1..=65535"));
+        };
+        if rows == 0 || cols == 0 {
+            return Err(Status::invalid_argument("rows/cols: must be 1..=65535"));
+        }
+        let p = self.engine.process(&r.container_id, &r.exec_id)?;
+        let pty = p
+            .stdio
+            .pty
+            .as_ref()
+            .ok_or_else(|| Status::failed_precondition("the process has no terminal"))?;
+        container::stdio::resize(pty, rows, cols)
+            .map_err(|e| Status::internal(format!("TIOCSWINSZ: {e}")))?;
+        Ok(Response::new(ResizePtyResponse {}))
+    }
+
+    async fn pause_container(
+        &self,
+        req: Request<PauseContainerRequest>,
+    ) -> Result<Response<PauseContainerResponse>, Status> {
+        let id = req.into_inner().container_id;
+        let engine = Arc::clone(&self.engine);
+        blocking(move || engine.set_paused(&id, true)).await?;
+        Ok(Response::new(PauseContainerResponse {}))
+    }
+
+    async fn resume_container(
+        &self,
+        req: Request<ResumeContainerRequest>,
+    ) -> Result<Response<ResumeContainerResponse>, Status> {
+        let id = req.into_inner().container_id;
+        let engine = Arc::clone(&self.engine);
+        blocking(move || engine.set_paused(&id, false)).await?;
+        Ok(Response::new(ResumeContainerResponse {}))
+    }
+
+    async fn stats_container(
+        &self,
+        req: Request<StatsContainerRequest>,
+    ) -> Result<Response<StatsContainerResponse>, Status> {
+        let id = req.into_inner().container_id;
+        let engine = Arc::clone(&self.engine);
+        let id2 = id.clone();
+        let s = blocking(move || engine.stats(&id2)).await?;
+        Ok(Response::new(StatsContainerResponse {
+            container_id: id,
+            cpu: Some(ContainerCpuStats {
+                usage_usec: s.cpu_usage_usec,
+                user_usec: s.cpu_user_usec,
+                system_usec: s.cpu_system_usec,
+                nr_periods: s.cpu_nr_periods,
+                nr_throttled: s.cpu_nr_throttled,
+                throttled_usec: s.cpu_throttled_usec,
+            }),
+            memory: Some(ContainerMemoryStats {
+                usage_bytes: s.memory_usage,
+                limit_bytes: s.memory_limit,
+                swap_usage_bytes: s.swap_usage,
+                oom_kills: s.oom_kills,
+                stat: s.memory_stat.into_iter().collect(),
+            }),
+            pids: Some(ContainerPidsStats {
+                current: s.pids_current,
+                limit: s.pids_limit,
+            }),
+            io: s
+                .io
+                .into_iter()
+                .map(
+                    |(major, minor, rbytes, wbytes, rios, wios)| ContainerIoStats {
+                        major,
+                        minor,
+                        rbytes,
+                        wbytes,
+                        rios,
+                        wios,
+                    },
+                )
+                .collect(),
+        }))
+    }
+
+    type OomEventsStream = BoxStream<OomEventsResponse>;
+
+    async fn oom_events(
+        &self,
+        _: Request<OomEventsRequest>,
+    ) -> Result<Response<Self::OomEventsStream>, Status> {
+        let mut events = self.engine.oom_events();
+        let (tx, rx) = tokio::sync::mpsc::channel(16);
+        tokio::spawn(async move {
+            loop {
+                let ev = tokio::select! {
+                    ev = events.recv() => ev,
+                    _ = tx.closed() => return,
+                };
+                match ev {
+                    Ok(container_id) => {
+                        if tx
+                            .send(Ok(OomEventsResponse { container_id }))
+                            .await
+                            .is_err()
+                        {
+                            return;
+                        }
+                    }
+                    Err(tokio::sync::broadcast::error::RecvError::Lagged(n)) => {
+                        tracing::warn!("OomEvents reader lagged, {n} events dropped");
+                    }
+                    Err(tokio::sync::broadcast::error::RecvError::Closed) => return,
+                }
+            }
+        });
+        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+    }
 }
 
 #[cfg(test)]
@@ -85,7 +426,9 @@ mod tests {
 
     #[tokio::test]
     async fn ping_and_guest_info() {
-        let agent = Agent::new(Shutdown::new(Mode::ExitProcess, Reaper::new()));
+        let reaper = Reaper::new();
+        let engine = Engine::new(container::EngineConfig::default(), Arc::clone(&reaper));
+        let agent = Agent::new(Shutdown::new(Mode::ExitProcess, reaper), engine);
         let p = agent
             .ping(Request::new(PingRequest {}))
             .await

@@ -35,8 +35,15 @@ use tokio::net::UnixStream;
 use tonic::transport::{Channel, Endpoint, Uri};
 
 use crate::v1::agent_service_client::AgentServiceClient;
-use crate::v1::{GuestInfoRequest, PingRequest, ShutdownRequest};
-use crate::{API_VERSION, MAX_MESSAGE_SIZE};
+use crate::v1::{
+    CloseStdinRequest, CreateContainerRequest, ExecProcessRequest, GuestInfoRequest,
+    ListProcessesRequest, OomEventsRequest, OomEventsResponse, PauseContainerRequest, PingRequest,
+    ReadStderrRequest, ReadStderrResponse, ReadStdoutRequest, ReadStdoutResponse,
+    RemoveContainerRequest, ResizePtyRequest, ResumeContainerRequest, ShutdownRequest,
+    SignalProcessRequest, StartContainerRequest, StatsContainerRequest, StatsContainerResponse,
+    WaitProcessRequest, WriteStdinRequest,
+};
+use crate::{is_valid_id, API_VERSION, MAX_MESSAGE_SIZE, MAX_STDIN_CHUNK, MAX_STDIO_CHUNK};
 
 /// Longest accepted handshake reply line, including the trailing `\n`.
 pub const HANDSHAKE_MAX_LINE: usize = 64;
@@ -49,6 +56,19 @@ pub const MAX_ONLINE_CPUS: u32 = 4096;
 /// Guest-provided text (gRPC status messages, bad handshake lines) is cut to
 /// this many characters before it is put into a [`ClientError`].
 pub const MAX_GUEST_TEXT_IN_ERRORS: usize = 256;
+/// Most processes accepted in a `ListProcesses` reply.
+pub const MAX_LISTED_PROCESSES: usize = 1025;
+/// Most pids accepted in a `ListProcesses` reply.
+pub const MAX_LISTED_PIDS: usize = 65536;
+/// Most `memory.stat` keys accepted in a `StatsContainer` reply.
+pub const MAX_MEMORY_STAT_KEYS: usize = 128;
+/// Most io.stat devices accepted in a `StatsContainer` reply.
+pub const MAX_IO_DEVICES: usize = 256;
+/// Largest pid accepted (Linux PID_MAX_LIMIT).
+pub const MAX_PID: u32 = 4 * 1024 * 1024;
+/// Largest exit status accepted (255, or 128 + signal 64).
+pub const MAX_EXIT_STATUS: u32 = 255;
+
 /// Cap on the HTTP/2 header list the guest may send (bytes).
 pub const MAX_HEADER_LIST_SIZE: u32 = 64 * 1024;
 
@@ -212,6 +232,16 @@ pub enum ClientError {
         /// Why it was rejected.
         reason: String,
     },
+    /// The caller's request was refused before sending (bad id, too large).
+    #[error("{method}: invalid request field {field}: {reason}")]
+    InvalidRequest {
+        /// RPC name.
+        method: &'static str,
+        /// Offending field.
+        field: &'static str,
+        /// Why.
+        reason: String,
+    },
     /// [`AgentClient::connect_with_retry`] ran out of time.
     #[error("hybrid vsock {} port {port}: agent did not answer before the deadline ({attempts} attempts); last error: {last}", path.display())]
     DeadlineExceeded {
@@ -245,6 +275,7 @@ impl ClientError {
             ),
             ClientError::ApiVersionMismatch { .. }
             | ClientError::InvalidReply { .. }
+            | ClientError::InvalidRequest { .. }
             | ClientError::DeadlineExceeded { .. } => false,
         }
     }
@@ -275,6 +306,160 @@ pub struct GuestInfo {
     pub mem_available_bytes: u64,
     /// Online vCPUs, 1..=[`MAX_ONLINE_CPUS`].
     pub online_cpus: u32,
+}
+
+/// Validated reply of `WaitProcess`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ProcessExit {
+    /// Exit code or 128 + signal, ≤ [`MAX_EXIT_STATUS`].
+    pub exit_status: u32,
+    /// Reap time (guest clock).
+    pub exited_at: std::time::SystemTime,
+    /// The container had an OOM kill.
+    pub oom_killed: bool,
+}
+
+/// One process of a validated `ListProcesses` reply.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ContainerProcess {
+    /// Empty for init (only the first entry).
+    pub exec_id: String,
+    /// Guest pid, 1..=[`MAX_PID`].
+    pub pid: u32,
+    /// Exit status if it exited.
+    pub exit_status: Option<u32>,
+}
+
+/// Validated reply of `ListProcesses`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ContainerProcesses {
+    /// Processes the agent started, init first.
+    pub processes: Vec<ContainerProcess>,
+    /// Every pid in the container.
+    pub pids: Vec<u32>,
+}
+
+/// Parameters of [`AgentClient::create_container`].
+#[derive(Debug, Clone, Default)]
+pub struct CreateContainer {
+    /// New container id.
+    pub container_id: String,
+    /// config.json.
+    pub oci_spec_json: Vec<u8>,
+    /// Root file system path in the guest.
+    pub rootfs_path: String,
+    /// Give the process a stdin pipe.
+    pub stdin: bool,
+    /// Run it on a terminal.
+    pub terminal: bool,
+}
+
+enum OutputInner {
+    Stdout(tonic::Streaming<ReadStdoutResponse>),
+    Stderr(tonic::Streaming<ReadStderrResponse>),
+}
+
+/// A process's stdout or stderr, chunk by chunk (each validated to be
+/// 1..=[`MAX_STDIO_CHUNK`] bytes). No deadline: it ends at the process's EOF.
+pub struct OutputStream {
+    inner: OutputInner,
+    method: &'static str,
+    client: AgentClient,
+}
+
+impl fmt::Debug for OutputStream {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("OutputStream")
+            .field("method", &self.method)
+            .finish_non_exhaustive()
+    }
+}
+
+impl OutputStream {
+    /// The next chunk; `None` at EOF.
+    pub async fn next(&mut self) -> Option<Result<Vec<u8>, ClientError>> {
+        let r = match &mut self.inner {
+            OutputInner::Stdout(s) => s.message().await.map(|m| m.map(|m| m.data)),
+            OutputInner::Stderr(s) => s.message().await.map(|m| m.map(|m| m.data)),
+        };
+        match r {
+            Ok(None) => None,
+            Ok(Some(data)) if data.is_empty() || data.len() > MAX_STDIO_CHUNK => {
+                Some(Err(self.client.invalid(
+                    self.method,
+                    "data",
+                    format!("{} bytes, must be 1..={MAX_STDIO_CHUNK}", data.len()),
+                )))
+            }
+            Ok(Some(data)) => Some(Ok(data)),
+            Err(status) => Some(Err(self.client.rpc_error(self.method, &status))),
+        }
+    }
+
+    /// Reads to EOF, refusing more than `limit` bytes in total.
+    pub async fn read_to_end(&mut self, limit: usize) -> Result<Vec<u8>, ClientError> {
+        let mut out = Vec::new();
+        while let Some(chunk) = self.next().await {
+            let chunk = chunk?;
+            if out.len() + chunk.len() > limit {
+                return Err(self.client.invalid(
+                    self.method,
+                    "data",
+                    format!("more than the caller's limit of {limit} bytes"),
+                ));
+            }
+            out.extend(chunk);
+        }
+        Ok(out)
+    }
+}
+
+/// OOM kills reported by the agent (`OomEvents`), each a validated
+/// container id. No deadline.
+pub struct OomEventStream {
+    inner: tonic::Streaming<OomEventsResponse>,
+    client: AgentClient,
+}
+
+impl fmt::Debug for OomEventStream {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("OomEventStream").finish_non_exhaustive()
+    }
+}
+
+impl OomEventStream {
+    /// The next OOM-killed container's id; `None` if the agent ended it.
+    pub async fn next(&mut self) -> Option<Result<String, ClientError>> {
+        match self.inner.message().await {
+            Ok(None) => None,
+            Ok(Some(ev)) if !is_valid_id(&ev.container_id) => Some(Err(self.client.invalid(
+                "OomEvents",
+                "container_id",
+                "not a valid id".into(),
+            ))),
+            Ok(Some(ev)) => Some(Ok(ev.container_id)),
+            Err(status) => Some(Err(self.client.rpc_error("OomEvents", &status))),
+        }
+    }
+}
+
+fn check_id(
+    method: &'static str,
+    field: &'static str,
+    id: &str,
+    allow_empty: bool,
+) -> Result<(), ClientError> {
+    if (allow_empty && id.is_empty()) || is_valid_id(id) {
+        return Ok(());
+    }
+    Err(ClientError::InvalidRequest {
+        method,
+        field,
+        reason: format!(
+            "{:?} is not a valid id",
+            id.chars().take(80).collect::<String>()
+        ),
+    })
 }
 
 /// Client of the agent's `AgentService` over a hybrid vsock Unix socket.
@@ -328,7 +513,8 @@ impl AgentClient {
         // The authority is never resolved: the connector ignores the URI.
         let channel = Endpoint::from_static("http://husk-agent.vsock")
             .connect_timeout(opts.connect_timeout)
-            .timeout(opts.request_timeout)
+            // No channel-wide request timeout: every method bounds its own
+            // call (WaitProcess and the streams must be able to outlive it).
             .http2_max_header_list_size(MAX_HEADER_LIST_SIZE)
             .connect_with_connector(connector)
             .await
@@ -482,6 +668,486 @@ impl AgentClient {
         )
         .await
         .map(|_| ())
+    }
+
+    // ---- containers ----
+
+    fn echo(
+        &self,
+        method: &'static str,
+        field: &'static str,
+        got: &str,
+        want: &str,
+    ) -> Result<(), ClientError> {
+        if got != want {
+            return Err(self.invalid(
+                method,
+                field,
+                format!("does not echo the request ({} bytes)", got.len()),
+            ));
+        }
+        Ok(())
+    }
+
+    fn check_pid(&self, method: &'static str, pid: u32) -> Result<u32, ClientError> {
+        if pid == 0 || pid > MAX_PID {
+            return Err(self.invalid(method, "pid", format!("{pid} not in 1..={MAX_PID}")));
+        }
+        Ok(pid)
+    }
+
+    /// `CreateContainer`: sets the container up to just before its exec.
+    /// Returns the init pid.
+    pub async fn create_container(&self, req: CreateContainer) -> Result<u32, ClientError> {
+        const M: &str = "CreateContainer";
+        check_id(M, "container_id", &req.container_id, false)?;
+        if req.oci_spec_json.len() > crate::MAX_SPEC_SIZE {
+            return Err(ClientError::InvalidRequest {
+                method: M,
+                field: "oci_spec_json",
+                reason: format!(
+                    "{} bytes, limit {}",
+                    req.oci_spec_json.len(),
+                    crate::MAX_SPEC_SIZE
+                ),
+            });
+        }
+        let id = req.container_id.clone();
+        let mut c = self.inner.clone();
+        let r = self
+            .call(M, async move {
+                c.create_container(CreateContainerRequest {
+                    container_id: req.container_id,
+                    oci_spec_json: req.oci_spec_json,
+                    rootfs_path: req.rootfs_path,
+                    stdin: req.stdin,
+                    terminal: req.terminal,
+                })
+                .await
+            })
+            .await?;
+        self.echo(M, "container_id", &r.container_id, &id)?;
+        self.check_pid(M, r.pid)
+    }
+
+    /// `StartContainer`: execs the created container's process.
+    pub async fn start_container(&self, container_id: &str) -> Result<(), ClientError> {
+        const M: &str = "StartContainer";
+        check_id(M, "container_id", container_id, false)?;
+        let mut c = self.inner.clone();
+        let container_id = container_id.to_string();
+        let id = container_id.clone();
+        let r = self
+            .call(M, async move {
+                c.start_container(StartContainerRequest { container_id })
+                    .await
+            })
+            .await?;
+        self.echo(M, "container_id", &r.container_id, &id)
+    }
+
+    /// `ExecProcess`: starts `process_json` (an OCI process) in a running
+    /// container. Returns its pid.
+    pub async fn exec_process(
+        &self,
+        container_id: &str,
+        exec_id: &str,
+        process_json: Vec<u8>,
+        stdin: bool,
+        terminal: bool,
+    ) -> Result<u32, ClientError> {
+        const M: &str = "ExecProcess";
+        check_id(M, "container_id", container_id, false)?;
+        check_id(M, "exec_id", exec_id, false)?;
+        let mut c = self.inner.clone();
+        let req = ExecProcessRequest {
+            container_id: container_id.to_string(),
+            exec_id: exec_id.to_string(),
+            process_json,
+            stdin,
+            terminal,
+        };
+        let r = self
+            .call(M, async move { c.exec_process(req).await })
+            .await?;
+        self.echo(M, "container_id", &r.container_id, container_id)?;
+        self.echo(M, "exec_id", &r.exec_id, exec_id)?;
+        self.check_pid(M, r.pid)
+    }
+
+    /// `SignalProcess` (`exec_id` empty: init; `all`: every process).
+    pub async fn signal_process(
+        &self,
+        container_id: &str,
+        exec_id: &str,
+        signal: u32,
+        all: bool,
+    ) -> Result<(), ClientError> {
+        const M: &str = "SignalProcess";
+        check_id(M, "container_id", container_id, false)?;
+        check_id(M, "exec_id", exec_id, true)?;
+        let mut c = self.inner.clone();
+        let req = SignalProcessRequest {
+            container_id: container_id.to_string(),
+            exec_id: exec_id.to_string(),
+            signal,
+            all,
+        };
+        self.call(M, async move { c.signal_process(req).await })
+            .await
+            .map(|_| ())
+    }
+
+    /// `WaitProcess`: waits up to `timeout` (`None`: forever) for the exit.
+    pub async fn wait_process(
+        &self,
+        container_id: &str,
+        exec_id: &str,
+        timeout: Option<Duration>,
+    ) -> Result<ProcessExit, ClientError> {
+        const M: &str = "WaitProcess";
+        check_id(M, "container_id", container_id, false)?;
+        check_id(M, "exec_id", exec_id, true)?;
+        let mut c = self.inner.clone();
+        let req = WaitProcessRequest {
+            container_id: container_id.to_string(),
+            exec_id: exec_id.to_string(),
+        };
+        let fut = async move { c.wait_process(req).await };
+        let r = match timeout {
+            Some(t) => self.call_within(M, t, fut).await?,
+            None => fut
+                .await
+                .map(tonic::Response::into_inner)
+                .map_err(|s| self.rpc_error(M, &s))?,
+        };
+        self.echo(M, "container_id", &r.container_id, container_id)?;
+        self.echo(M, "exec_id", &r.exec_id, exec_id)?;
+        if r.exit_status > MAX_EXIT_STATUS {
+            return Err(self.invalid(
+                M,
+                "exit_status",
+                format!("{} > {MAX_EXIT_STATUS}", r.exit_status),
+            ));
+        }
+        if r.exited_at_unix_nanos == 0 {
+            return Err(self.invalid(M, "exited_at_unix_nanos", "zero".into()));
+        }
+        Ok(ProcessExit {
+            exit_status: r.exit_status,
+            exited_at: std::time::UNIX_EPOCH + Duration::from_nanos(r.exited_at_unix_nanos),
+            oom_killed: r.oom_killed,
+        })
+    }
+
+    /// `RemoveContainer`.
+    pub async fn remove_container(
+        &self,
+        container_id: &str,
+        force: bool,
+    ) -> Result<(), ClientError> {
+        const M: &str = "RemoveContainer";
+        check_id(M, "container_id", container_id, false)?;
+        let mut c = self.inner.clone();
+        let req = RemoveContainerRequest {
+            container_id: container_id.to_string(),
+            force,
+        };
+        self.call(M, async move { c.remove_container(req).await })
+            .await
+            .map(|_| ())
+    }
+
+    /// `ListProcesses`, validated (bounded lists, valid ids and pids).
+    pub async fn list_processes(
+        &self,
+        container_id: &str,
+    ) -> Result<ContainerProcesses, ClientError> {
+        const M: &str = "ListProcesses";
+        check_id(M, "container_id", container_id, false)?;
+        let mut c = self.inner.clone();
+        let req = ListProcessesRequest {
+            container_id: container_id.to_string(),
+        };
+        let r = self
+            .call(M, async move { c.list_processes(req).await })
+            .await?;
+        self.echo(M, "container_id", &r.container_id, container_id)?;
+        if r.processes.is_empty() || r.processes.len() > MAX_LISTED_PROCESSES {
+            return Err(self.invalid(
+                M,
+                "processes",
+                format!(
+                    "{} entries, must be 1..={MAX_LISTED_PROCESSES}",
+                    r.processes.len()
+                ),
+            ));
+        }
+        if r.pids.len() > MAX_LISTED_PIDS {
+            return Err(self.invalid(
+                M,
+                "pids",
+                format!("{} entries, limit {MAX_LISTED_PIDS}", r.pids.len()),
+            ));
+        }
+        let mut processes = Vec::with_capacity(r.processes.len());
+        for (i, p) in r.processes.into_iter().enumerate() {
+            let ok_id = if i == 0 {
+                p.exec_id.is_empty()
+            } else {
+                is_valid_id(&p.exec_id)
+            };
+            if !ok_id {
+                return Err(self.invalid(M, "processes.exec_id", format!("entry {i}: bad id")));
+            }
+            self.check_pid(M, p.pid)?;
+            if p.exit_status > MAX_EXIT_STATUS {
+                return Err(self.invalid(
+                    M,
+                    "processes.exit_status",
+                    format!("{} > {MAX_EXIT_STATUS}", p.exit_status),
+                ));
+            }
+            processes.push(ContainerProcess {
+                exec_id: p.exec_id,
+                pid: p.pid,
+                exit_status: p.exited.then_some(p.exit_status),
+            });
+        }
+        for pid in &r.pids {
+            self.check_pid(M, *pid)?;
+        }
+        Ok(ContainerProcesses {
+            processes,
+            pids: r.pids,
+        })
+    }
+
+    /// `ReadStdout`: the process's stdout (or terminal output) as a stream.
+    pub async fn read_stdout(
+        &self,
+        container_id: &str,
+        exec_id: &str,
+    ) -> Result<OutputStream, ClientError> {
+        const M: &str = "ReadStdout";
+        check_id(M, "container_id", container_id, false)?;
+        check_id(M, "exec_id", exec_id, true)?;
+        let mut c = self.inner.clone();
+        let req = ReadStdoutRequest {
+            container_id: container_id.to_string(),
+            exec_id: exec_id.to_string(),
+        };
+        let s = self
+            .call(M, async move { c.read_stdout(req).await })
+            .await?;
+        Ok(OutputStream {
+            inner: OutputInner::Stdout(s),
+            method: M,
+            client: self.clone(),
+        })
+    }
+
+    /// `ReadStderr`: the process's stderr as a stream.
+    pub async fn read_stderr(
+        &self,
+        container_id: &str,
+        exec_id: &str,
+    ) -> Result<OutputStream, ClientError> {
+        const M: &str = "ReadStderr";
+        check_id(M, "container_id", container_id, false)?;
+        check_id(M, "exec_id", exec_id, true)?;
+        let mut c = self.inner.clone();
+        let req = ReadStderrRequest {
+            container_id: container_id.to_string(),
+            exec_id: exec_id.to_string(),
+        };
+        let s = self
+            .call(M, async move { c.read_stderr(req).await })
+            .await?;
+        Ok(OutputStream {
+            inner: OutputInner::Stderr(s),
+            method: M,
+            client: self.clone(),
+        })
+    }
+
+    /// `WriteStdin`: writes all of `data` (≤ [`MAX_STDIN_CHUNK`]).
+    pub async fn write_stdin(
+        &self,
+        container_id: &str,
+        exec_id: &str,
+        data: Vec<u8>,
+    ) -> Result<(), ClientError> {
+        const M: &str = "WriteStdin";
+        check_id(M, "container_id", container_id, false)?;
+        check_id(M, "exec_id", exec_id, true)?;
+        if data.len() > MAX_STDIN_CHUNK {
+            return Err(ClientError::InvalidRequest {
+                method: M,
+                field: "data",
+                reason: format!("{} bytes, limit {MAX_STDIN_CHUNK}", data.len()),
+            });
+        }
+        let len = data.len();
+        let mut c = self.inner.clone();
+        let req = WriteStdinRequest {
+            container_id: container_id.to_string(),
+            exec_id: exec_id.to_string(),
+            data,
+        };
+        let r = self
+            .call(M, async move { c.write_stdin(req).await })
+            .await?;
+        if r.written as usize != len {
+            return Err(self.invalid(M, "written", format!("{} of {len} bytes", r.written)));
+        }
+        Ok(())
+    }
+
+    /// `CloseStdin`.
+    pub async fn close_stdin(&self, container_id: &str, exec_id: &str) -> Result<(), ClientError> {
+        const M: &str = "CloseStdin";
+        check_id(M, "container_id", container_id, false)?;
+        check_id(M, "exec_id", exec_id, true)?;
+        let mut c = self.inner.clone();
+        let req = CloseStdinRequest {
+            container_id: container_id.to_string(),
+            exec_id: exec_id.to_string(),
+        };
+        self.call(M, async move { c.close_stdin(req).await })
+            .await
+            .map(|_| ())
+    }
+
+    /// `ResizePty`.
+    pub async fn resize_pty(
+        &self,
+        container_id: &str,
+        exec_id: &str,
+        rows: u16,
+        cols: u16,
+    ) -> Result<(), ClientError> {
+        const M: &str = "ResizePty";
+        check_id(M, "container_id", container_id, false)?;
+        check_id(M, "exec_id", exec_id, true)?;
+        let mut c = self.inner.clone();
+        let req = ResizePtyRequest {
+            container_id: container_id.to_string(),
+            exec_id: exec_id.to_string(),
+            rows: rows.into(),
+            cols: cols.into(),
+        };
+        self.call(M, async move { c.resize_pty(req).await })
+            .await
+            .map(|_| ())
+    }
+
+    /// `PauseContainer` (cgroup v2 freeze).
+    pub async fn pause_container(&self, container_id: &str) -> Result<(), ClientError> {
+        const M: &str = "PauseContainer";
+        check_id(M, "container_id", container_id, false)?;
+        let mut c = self.inner.clone();
+        let req = PauseContainerRequest {
+            container_id: container_id.to_string(),
+        };
+        self.call(M, async move { c.pause_container(req).await })
+            .await
+            .map(|_| ())
+    }
+
+    /// `ResumeContainer`.
+    pub async fn resume_container(&self, container_id: &str) -> Result<(), ClientError> {
+        const M: &str = "ResumeContainer";
+        check_id(M, "container_id", container_id, false)?;
+        let mut c = self.inner.clone();
+        let req = ResumeContainerRequest {
+            container_id: container_id.to_string(),
+        };
+        self.call(M, async move { c.resume_container(req).await })
+            .await
+            .map(|_| ())
+    }
+
+    /// `StatsContainer`, validated (bounded maps and lists, sane keys).
+    pub async fn stats_container(
+        &self,
+        container_id: &str,
+    ) -> Result<StatsContainerResponse, ClientError> {
+        const M: &str = "StatsContainer";
+        check_id(M, "container_id", container_id, false)?;
+        let mut c = self.inner.clone();
+        let req = StatsContainerRequest {
+            container_id: container_id.to_string(),
+        };
+        let r = self
+            .call(M, async move { c.stats_container(req).await })
+            .await?;
+        self.echo(M, "container_id", &r.container_id, container_id)?;
+        if let Some(m) = &r.memory {
+            if m.stat.len() > MAX_MEMORY_STAT_KEYS {
+                return Err(self.invalid(
+                    M,
+                    "memory.stat",
+                    format!("{} keys, limit {MAX_MEMORY_STAT_KEYS}", m.stat.len()),
+                ));
+            }
+            for k in m.stat.keys() {
+                check_text(k, 64, true).map_err(|reason| self.invalid(M, "memory.stat", reason))?;
+            }
+        }
+        if r.io.len() > MAX_IO_DEVICES {
+            return Err(self.invalid(
+                M,
+                "io",
+                format!("{} devices, limit {MAX_IO_DEVICES}", r.io.len()),
+            ));
+        }
+        Ok(r)
+    }
+
+    /// `OomEvents`: OOM kills from now on.
+    pub async fn oom_events(&self) -> Result<OomEventStream, ClientError> {
+        let mut c = self.inner.clone();
+        let s = self
+            .call("OomEvents", async move {
+                c.oom_events(OomEventsRequest {}).await
+            })
+            .await?;
+        Ok(OomEventStream {
+            inner: s,
+            client: self.clone(),
+        })
+    }
+
+    async fn call_within<T, F>(
+        &self,
+        method: &'static str,
+        timeout: Duration,
+        fut: F,
+    ) -> Result<T, ClientError>
+    where
+        F: Future<Output = Result<tonic::Response<T>, tonic::Status>>,
+    {
+        match tokio::time::timeout(timeout, fut).await {
+            Err(_) => Err(ClientError::Timeout {
+                path: self.uds_path.clone(),
+                port: self.port,
+                method,
+                timeout,
+            }),
+            Ok(Err(status)) => Err(self.rpc_error(method, &status)),
+            Ok(Ok(resp)) => Ok(resp.into_inner()),
+        }
+    }
+
+    fn rpc_error(&self, method: &'static str, status: &tonic::Status) -> ClientError {
+        ClientError::Rpc {
+            path: self.uds_path.clone(),
+            port: self.port,
+            method,
+            code: status.code(),
+            message: sanitize_for_error(status.message().as_bytes()),
+        }
     }
 
     async fn call<T, F>(&self, method: &'static str, fut: F) -> Result<T, ClientError>
@@ -786,7 +1452,7 @@ mod e2e_tests {
     use super::*;
     use crate::testing::{Behavior, HybridVsockProxy};
     use crate::v1::agent_service_server::{AgentService, AgentServiceServer};
-    use crate::v1::{GuestInfoResponse, PingResponse, ShutdownResponse};
+    use crate::v1::*;
     use std::sync::atomic::{AtomicUsize, Ordering};
     use tonic::{Request, Response, Status};
 
@@ -796,6 +1462,13 @@ mod e2e_tests {
         info: GuestInfoResponse,
         delay: Duration,
         shutdowns: Arc<AtomicUsize>,
+        /// Container replies (possibly hostile).
+        echo_id: Option<String>,
+        pid: u32,
+        exit_status: u32,
+        exited_at: u64,
+        chunks: Vec<Vec<u8>>,
+        list: ListProcessesResponse,
     }
 
     impl Default for TestAgent {
@@ -815,6 +1488,21 @@ mod e2e_tests {
                 },
                 delay: Duration::ZERO,
                 shutdowns: Arc::default(),
+                echo_id: None,
+                pid: 42,
+                exit_status: 3,
+                exited_at: 1_700_000_000_000_000_000,
+                chunks: vec![b"hello".to_vec()],
+                list: ListProcessesResponse {
+                    container_id: "c1".into(),
+                    processes: vec![ListedProcess {
+                        exec_id: String::new(),
+                        pid: 42,
+                        exited: false,
+                        exit_status: 0,
+                    }],
+                    pids: vec![42],
+                },
             }
         }
     }
@@ -837,6 +1525,156 @@ mod e2e_tests {
         ) -> Result<Response<ShutdownResponse>, Status> {
             self.shutdowns.fetch_add(1, Ordering::SeqCst);
             Ok(Response::new(ShutdownResponse {}))
+        }
+
+        async fn create_container(
+            &self,
+            r: Request<CreateContainerRequest>,
+        ) -> Result<Response<CreateContainerResponse>, Status> {
+            let r = r.into_inner();
+            Ok(Response::new(CreateContainerResponse {
+                container_id: self.echo_id.clone().unwrap_or(r.container_id),
+                pid: self.pid,
+            }))
+        }
+        async fn start_container(
+            &self,
+            r: Request<StartContainerRequest>,
+        ) -> Result<Response<StartContainerResponse>, Status> {
+            Ok(Response::new(StartContainerResponse {
+                container_id: r.into_inner().container_id,
+            }))
+        }
+        async fn exec_process(
+            &self,
+            r: Request<ExecProcessRequest>,
+        ) -> Result<Response<ExecProcessResponse>, Status> {
+            let r = r.into_inner();
+            Ok(Response::new(ExecProcessResponse {
+                container_id: r.container_id,
+                exec_id: self.echo_id.clone().unwrap_or(r.exec_id),
+                pid: self.pid,
+            }))
+        }
+        async fn signal_process(
+            &self,
+            _: Request<SignalProcessRequest>,
+        ) -> Result<Response<SignalProcessResponse>, Status> {
+            Ok(Response::new(SignalProcessResponse {}))
+        }
+        async fn wait_process(
+            &self,
+            r: Request<WaitProcessRequest>,
+        ) -> Result<Response<WaitProcessResponse>, Status> {
+            tokio::time::sleep(self.delay).await;
+            let r = r.into_inner();
+            Ok(Response::new(WaitProcessResponse {
+                container_id: r.container_id,
+                exec_id: r.exec_id,
+                exit_status: self.exit_status,
+                exited_at_unix_nanos: self.exited_at,
+                oom_killed: false,
+            }))
+        }
+        async fn remove_container(
+            &self,
+            _: Request<RemoveContainerRequest>,
+        ) -> Result<Response<RemoveContainerResponse>, Status> {
+            Err(Status::failed_precondition("running \u{1b}[2J"))
+        }
+        async fn list_processes(
+            &self,
+            _: Request<ListProcessesRequest>,
+        ) -> Result<Response<ListProcessesResponse>, Status> {
+            Ok(Response::new(self.list.clone()))
+        }
+        type ReadStdoutStream =
+            Pin<Box<dyn tokio_stream::Stream<Item = Result<ReadStdoutResponse, Status>> + Send>>;
+        async fn read_stdout(
+            &self,
+            _: Request<ReadStdoutRequest>,
+        ) -> Result<Response<Self::ReadStdoutStream>, Status> {
+            let items: Vec<_> = self
+                .chunks
+                .iter()
+                .map(|c| Ok(ReadStdoutResponse { data: c.clone() }))
+                .collect();
+            Ok(Response::new(Box::pin(tokio_stream::iter(items))))
+        }
+        type ReadStderrStream =
+            Pin<Box<dyn tokio_stream::Stream<Item = Result<ReadStderrResponse, Status>> + Send>>;
+        async fn read_stderr(
+            &self,
+            _: Request<ReadStderrRequest>,
+        ) -> Result<Response<Self::ReadStderrStream>, Status> {
+            Err(Status::unimplemented("no"))
+        }
+        async fn write_stdin(
+            &self,
+            r: Request<WriteStdinRequest>,
+        ) -> Result<Response<WriteStdinResponse>, Status> {
+            // Hostile: claims one byte less than sent.
+            let n = r.into_inner().data.len() as u32;
+            Ok(Response::new(WriteStdinResponse {
+                written: n.saturating_sub(1),
+            }))
+        }
+        async fn close_stdin(
+            &self,
+            _: Request<CloseStdinRequest>,
+        ) -> Result<Response<CloseStdinResponse>, Status> {
+            Ok(Response::new(CloseStdinResponse {}))
+        }
+        async fn resize_pty(
+            &self,
+            _: Request<ResizePtyRequest>,
+        ) -> Result<Response<ResizePtyResponse>, Status> {
+            Ok(Response::new(ResizePtyResponse {}))
+        }
+        async fn pause_container(
+            &self,
+            _: Request<PauseContainerRequest>,
+        ) -> Result<Response<PauseContainerResponse>, Status> {
+            Ok(Response::new(PauseContainerResponse {}))
+        }
+        async fn resume_container(
+            &self,
+            _: Request<ResumeContainerRequest>,
+        ) -> Result<Response<ResumeContainerResponse>, Status> {
+            Ok(Response::new(ResumeContainerResponse {}))
+        }
+        async fn stats_container(
+            &self,
+            r: Request<StatsContainerRequest>,
+        ) -> Result<Response<StatsContainerResponse>, Status> {
+            let mut stat = std::collections::HashMap::new();
+            for i in 0..200 {
+                stat.insert(format!("k{i}"), i);
+            }
+            Ok(Response::new(StatsContainerResponse {
+                container_id: r.into_inner().container_id,
+                memory: Some(ContainerMemoryStats {
+                    stat,
+                    ..Default::default()
+                }),
+                ..Default::default()
+            }))
+        }
+        type OomEventsStream =
+            Pin<Box<dyn tokio_stream::Stream<Item = Result<OomEventsResponse, Status>> + Send>>;
+        async fn oom_events(
+            &self,
+            _: Request<OomEventsRequest>,
+        ) -> Result<Response<Self::OomEventsStream>, Status> {
+            let items = vec![
+                Ok(OomEventsResponse {
+                    container_id: "c1".into(),
+                }),
+                Ok(OomEventsResponse {
+                    container_id: "../x".into(),
+                }),
+            ];
+            Ok(Response::new(Box::pin(tokio_stream::iter(items))))
         }
     }
 
@@ -1042,6 +1880,167 @@ mod e2e_tests {
         let mut a = TestAgent::default();
         a.info.kernel_version = "z".repeat(MAX_MESSAGE_SIZE + 1);
         check(a, "GuestInfo").await;
+    }
+
+    #[tokio::test]
+    async fn container_calls_validate_replies() {
+        let (_dir, proxy) = setup(TestAgent::default()).await;
+        let c = AgentClient::connect_hybrid(proxy.path(), 1024, fast_opts())
+            .await
+            .unwrap();
+        let create = |id: &str| CreateContainer {
+            container_id: id.into(),
+            oci_spec_json: b"{}".to_vec(),
+            rootfs_path: "/r".into(),
+            ..CreateContainer::default()
+        };
+        assert_eq!(c.create_container(create("c1")).await.unwrap(), 42);
+        // Ids are checked before anything is sent.
+        let e = c.create_container(create("../c1")).await.unwrap_err();
+        assert!(
+            matches!(
+                e,
+                ClientError::InvalidRequest {
+                    field: "container_id",
+                    ..
+                }
+            ),
+            "{e}"
+        );
+        let e = c.wait_process("c1", "bad id", None).await.unwrap_err();
+        assert!(
+            matches!(
+                e,
+                ClientError::InvalidRequest {
+                    field: "exec_id",
+                    ..
+                }
+            ),
+            "{e}"
+        );
+        let e = c
+            .write_stdin("c1", "", vec![0; MAX_STDIN_CHUNK + 1])
+            .await
+            .unwrap_err();
+        assert!(
+            matches!(e, ClientError::InvalidRequest { field: "data", .. }),
+            "{e}"
+        );
+        c.start_container("c1").await.unwrap();
+        let exit = c.wait_process("c1", "", None).await.unwrap();
+        assert_eq!(exit.exit_status, 3);
+        let mut out = c.read_stdout("c1", "").await.unwrap();
+        assert_eq!(out.read_to_end(100).await.unwrap(), b"hello");
+        assert_eq!(c.list_processes("c1").await.unwrap().pids, [42]);
+        c.signal_process("c1", "", 9, true).await.unwrap();
+        // Hostile or broken replies.
+        let e = c.write_stdin("c1", "", b"abc".to_vec()).await.unwrap_err();
+        assert!(e.to_string().contains("written: 2 of 3"), "{e}");
+        let e = c.stats_container("c1").await.unwrap_err();
+        assert!(e.to_string().contains("memory.stat: 200 keys"), "{e}");
+        let e = c.remove_container("c1", false).await.unwrap_err();
+        assert!(!e.to_string().contains('\u{1b}'), "escaped: {e}");
+        let mut oom = c.oom_events().await.unwrap();
+        assert_eq!(oom.next().await.unwrap().unwrap(), "c1");
+        assert!(oom.next().await.unwrap().is_err(), "invalid id refused");
+
+        async fn check(agent: TestAgent, want: &str) {
+            let (_dir, proxy) = setup(agent).await;
+            let c = AgentClient::connect_hybrid(proxy.path(), 1024, fast_opts())
+                .await
+                .unwrap();
+            let err = match c
+                .create_container(CreateContainer {
+                    container_id: "c1".into(),
+                    ..CreateContainer::default()
+                })
+                .await
+            {
+                Err(e) => e,
+                Ok(_) => match c.wait_process("c1", "", None).await {
+                    Err(e) => e,
+                    Ok(_) => match c.list_processes("c1").await {
+                        Err(e) => e,
+                        Ok(_) => {
+                            let mut s = c.read_stdout("c1", "").await.unwrap();
+                            s.read_to_end(1 << 20).await.unwrap_err()
+                        }
+                    },
+                },
+            };
+            assert!(err.to_string().contains(want), "{want}: {err}");
+            assert!(!err.is_retryable());
+        }
+        let a = TestAgent {
+            echo_id: Some("other".into()),
+            ..TestAgent::default()
+        };
+        check(a, "container_id: does not echo").await;
+        let a = TestAgent {
+            pid: 0,
+            ..TestAgent::default()
+        };
+        check(a, "pid: 0 not in").await;
+        let a = TestAgent {
+            exit_status: 300,
+            ..TestAgent::default()
+        };
+        check(a, "exit_status: 300").await;
+        let a = TestAgent {
+            exited_at: 0,
+            ..TestAgent::default()
+        };
+        check(a, "exited_at_unix_nanos").await;
+        let mut a = TestAgent::default();
+        a.list.pids = vec![0];
+        check(a, "ListProcesses: invalid reply field pid").await;
+        let mut a = TestAgent::default();
+        a.list.processes[0].exec_id = "x".into();
+        check(a, "processes.exec_id").await;
+        let mut a = TestAgent::default();
+        a.list.pids = vec![1; MAX_LISTED_PIDS + 1];
+        check(a, "pids: 65537 entries").await;
+        let a = TestAgent {
+            chunks: vec![b"ok".to_vec(), Vec::new()],
+            ..TestAgent::default()
+        };
+        check(a, "data: 0 bytes").await;
+        let a = TestAgent {
+            chunks: vec![vec![b'x'; MAX_STDIO_CHUNK + 1]],
+            ..TestAgent::default()
+        };
+        check(a, "data: 32769 bytes").await;
+    }
+
+    #[tokio::test]
+    async fn wait_process_outlives_the_request_timeout() {
+        let agent = TestAgent {
+            delay: Duration::from_millis(600),
+            ..TestAgent::default()
+        };
+        let (_dir, proxy) = setup(agent).await;
+        let opts = ClientOptions {
+            request_timeout: Duration::from_millis(200),
+            ..fast_opts()
+        };
+        let c = AgentClient::connect_hybrid(proxy.path(), 1024, opts)
+            .await
+            .unwrap();
+        assert_eq!(c.wait_process("c1", "", None).await.unwrap().exit_status, 3);
+        let e = c
+            .wait_process("c1", "", Some(Duration::from_millis(100)))
+            .await
+            .unwrap_err();
+        assert!(
+            matches!(
+                e,
+                ClientError::Timeout {
+                    method: "WaitProcess",
+                    ..
+                }
+            ),
+            "{e}"
+        );
     }
 
     #[tokio::test]

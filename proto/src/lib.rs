@@ -39,5 +39,51 @@ pub const AGENT_VSOCK_PORT: u32 = 1024;
 /// Both the agent's server and the host client enforce it.
 pub const MAX_MESSAGE_SIZE: usize = 4 * 1024 * 1024;
 
+/// Largest chunk of process output in one `ReadStdout`/`ReadStderr` message.
+pub const MAX_STDIO_CHUNK: usize = 32 * 1024;
+
+/// Largest `WriteStdin` payload.
+pub const MAX_STDIN_CHUNK: usize = 1024 * 1024;
+
+/// Largest OCI spec / process JSON accepted by the agent.
+pub const MAX_SPEC_SIZE: usize = 1024 * 1024;
+
+/// Longest container / exec id.
+pub const MAX_ID_LEN: usize = 64;
+
+/// Whether `id` is a valid container or (non-empty) exec id:
+/// `[A-Za-z0-9][A-Za-z0-9_.-]{0,63}`.
+pub fn is_valid_id(id: &str) -> bool {
+    let b = id.as_bytes();
+    !b.is_empty()
+        && b.len() <= MAX_ID_LEN
+        && b[0].is_ascii_alphanumeric()
+        && b.iter()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, b'_' | b'.' | b'-'))
+}
+
 /// Fully qualified gRPC service name, e.g. for logs.
 pub const SERVICE_NAME: &str = "husk.agent.v1.AgentService";
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn ids() {
+        for ok in ["a", "A1", "0", "abc_def.ghi-jkl", &"x".repeat(64)] {
+            assert!(super::is_valid_id(ok), "{ok}");
+        }
+        for bad in [
+            "",
+            "_a",
+            ".",
+            "-x",
+            "a/b",
+            "a b",
+            "é",
+            &"x".repeat(65),
+            "a\0",
+        ] {
+            assert!(!super::is_valid_id(bad), "{bad}");
+        }
+    }
+}
