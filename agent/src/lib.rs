@@ -4,6 +4,7 @@
 
 pub mod cli;
 pub mod container;
+pub mod control_port;
 pub mod guest_info;
 pub mod init;
 pub mod logging;

@@ -107,6 +107,12 @@ async fn run(listen: Listen, reaper: Arc<Reaper>, shutdown: Arc<Shutdown>) -> ! 
     let r = Arc::clone(&reaper);
     tokio::spawn(server::supervise("reaper", move || Arc::clone(&r).run()));
     let engine = Engine::new(EngineConfig::default(), Arc::clone(&reaper));
+    if matches!(listen, Listen::Vsock(_)) {
+        let s = Arc::clone(&shutdown);
+        tokio::spawn(server::supervise("control port", move || {
+            husk_agent::control_port::serve(Arc::clone(&s))
+        }));
+    }
     let agent = service::Agent::new(shutdown, engine);
     server::supervise("server", move || {
         let listen = listen.clone();
