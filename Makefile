@@ -13,9 +13,13 @@ TESTHOST := tests/testhost/run
 
 # Debian packages the build and the tests need on the host (the L1 test host brings its own).
 APT_PACKAGES := linux-source-6.1 flex bison bc libelf-dev libssl-dev cpio xz-utils gcc libc6-dev make \
-	qemu-system-x86 debootstrap e2fsprogs jq busybox-static
+	qemu-system-x86 debootstrap e2fsprogs jq busybox-static libseccomp-dev libcap-ng-dev
 
-.PHONY: all deps build agent guest testhost lint unit e2e test bench demo clean
+# virtiofsd serves virtio-fs shares (vhost-user); built from crates.io once, cached outside the checkout.
+VIRTIOFSD_VERSION := 1.14.0
+VIRTIOFSD := $(HUSK_CACHE)/virtiofsd-$(VIRTIOFSD_VERSION)/bin/virtiofsd
+
+.PHONY: all deps build agent guest testhost virtiofsd lint unit e2e test bench demo clean
 
 all: build
 
@@ -40,10 +44,18 @@ agent:
 # Guest kernel and the guest image (agent as /init).
 guest: agent build
 	guest-kernel/build.sh guest build/guest guest-kernel/microvm.config
-	$(ROOTFS_BUILDER) initrd --init $(AGENT) --out build/guest/initrd.img
+	strip -o build/guest/husk-agent $(AGENT)  # symbols would double the guest image
+	$(ROOTFS_BUILDER) initrd --init build/guest/husk-agent --out build/guest/initrd.img
+
+# The vhost-user-fs daemon, copied where the test host (L1) sees it through the project share.
+virtiofsd:
+	@[ -x $(VIRTIOFSD) ] || $(CARGO) install --locked virtiofsd --version $(VIRTIOFSD_VERSION) \
+		--root $(HUSK_CACHE)/virtiofsd-$(VIRTIOFSD_VERSION)
+	@mkdir -p build/testhost
+	install -m 0755 $(VIRTIOFSD) build/testhost/virtiofsd
 
 # The nested test host (L1): its kernel, its Debian root filesystem, and the marker-init guest image.
-testhost: build
+testhost: build virtiofsd
 	guest-kernel/build.sh l1 build/testhost guest-kernel/microvm.config tests/testhost/l1-kernel.config
 	tests/testhost/build-rootfs.sh build/testhost/rootfs.ext4
 	gcc -static -Os -o build/testhost/marker-init tests/testhost/marker-init.c

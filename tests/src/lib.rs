@@ -106,6 +106,8 @@ pub struct VmOptions {
     pub console_to_pipe: bool,
     /// More husk-vmm arguments (`--disk ...`, `--net ...`).
     pub extra_args: Vec<String>,
+    /// Serve the control socket at `<vm dir>/control.sock`.
+    pub control_socket: bool,
 }
 
 impl VmOptions {
@@ -117,6 +119,7 @@ impl VmOptions {
             extra_cmdline: None,
             console_to_pipe: false,
             extra_args: Vec::new(),
+            control_socket: false,
         }
     }
 }
@@ -155,6 +158,10 @@ impl VmProcess {
             cmd.arg("--cmdline").arg(c);
         }
         cmd.args(&o.extra_args);
+        if o.control_socket {
+            cmd.arg("--control-socket")
+                .arg(dir.path().join("control.sock"));
+        }
         if o.console_to_pipe {
             cmd.arg("--console").arg("stdout").stdout(Stdio::piped());
         } else {
@@ -268,6 +275,30 @@ impl VmProcess {
                 }
             }
         }
+    }
+
+    /// Sends one request on the VMM's control socket and returns the answer.
+    pub fn control(&self, request: &str) -> Result<serde_json::Value, HarnessError> {
+        use std::io::Write;
+        let io = |what: &str| {
+            let what = what.to_string();
+            move |source| HarnessError::Io { what, source }
+        };
+        let path = self.dir.path().join("control.sock");
+        let mut s =
+            std::os::unix::net::UnixStream::connect(&path).map_err(io("control connect"))?;
+        s.set_read_timeout(Some(Duration::from_secs(30)))
+            .map_err(io("control timeout"))?;
+        s.write_all(format!("{request}\n").as_bytes())
+            .map_err(io("control write"))?;
+        let mut line = String::new();
+        BufReader::new(s)
+            .read_line(&mut line)
+            .map_err(io("control read"))?;
+        serde_json::from_str(&line).map_err(|e| HarnessError::Io {
+            what: format!("control answer {line:?}"),
+            source: std::io::Error::other(e),
+        })
     }
 
     /// Waits for the VMM to exit; kills it if `timeout` passes.

@@ -4,6 +4,8 @@ use std::path::{Path, PathBuf};
 
 use crate::boot::mptable::MAX_VCPUS;
 pub use crate::devices::virtio::block::BlockConfig;
+pub use crate::devices::virtio::fs::FsConfig;
+use crate::devices::virtio::fs::TAG_LEN;
 pub use crate::devices::virtio::net::NetConfig;
 use crate::memory::MIN_MEM_MIB;
 
@@ -44,6 +46,10 @@ pub struct VmConfig {
     pub disks: Vec<BlockConfig>,
     /// virtio-net interfaces on taps, in the order the guest names them (`eth0`, ...).
     pub nets: Vec<NetConfig>,
+    /// Shared directories served by vhost-user-fs daemons (guest RAM is then memfd-backed).
+    pub fs: Vec<FsConfig>,
+    /// Where to serve the control socket (docs/control-socket.md), if anywhere.
+    pub control_socket: Option<PathBuf>,
 }
 
 /// How many virtio-mmio devices fit: one 4 KiB window and one IOAPIC pin (5..=23) each.
@@ -67,10 +73,16 @@ pub enum ConfigError {
     VsockDir(PathBuf),
     #[error("console file directory {0} does not exist")]
     ConsoleDir(PathBuf),
+    #[error("control socket directory {0} does not exist")]
+    ControlDir(PathBuf),
     #[error("disk image {0} does not exist or is not readable")]
     DiskMissing(PathBuf),
     #[error("tap name {0:?} must be 1 to 15 characters, without '/', ':' or whitespace")]
     TapName(String),
+    #[error("virtio-fs tag {0:?} must be 1 to {TAG_LEN} bytes without NUL, and unique")]
+    FsTag(String),
+    #[error("vhost-user-fs socket {0} does not exist (start the daemon first)")]
+    FsSocketMissing(PathBuf),
     #[error("{0} virtio devices requested; at most {MAX_VIRTIO_DEVICES} fit")]
     TooManyDevices(usize),
     #[error("{what} {spec:?}: {reason}")]
@@ -119,6 +131,9 @@ impl VmConfig {
         if let ConsoleOutput::File(f) = &self.console {
             parent_exists(f).map_err(ConfigError::ConsoleDir)?;
         }
+        if let Some(p) = &self.control_socket {
+            parent_exists(p).map_err(ConfigError::ControlDir)?;
+        }
         for d in &self.disks {
             if std::fs::File::open(&d.path).is_err() {
                 return Err(ConfigError::DiskMissing(d.path.clone()));
@@ -133,7 +148,20 @@ impl VmConfig {
                 return Err(ConfigError::TapName(name.clone()));
             }
         }
-        let devices = self.disks.len() + self.nets.len() + usize::from(self.vsock.is_some());
+        for (i, f) in self.fs.iter().enumerate() {
+            if f.tag.is_empty()
+                || f.tag.len() > TAG_LEN
+                || f.tag.contains('\0')
+                || self.fs[..i].iter().any(|o| o.tag == f.tag)
+            {
+                return Err(ConfigError::FsTag(f.tag.clone()));
+            }
+            if std::fs::symlink_metadata(&f.socket).is_err() {
+                return Err(ConfigError::FsSocketMissing(f.socket.clone()));
+            }
+        }
+        let devices =
+            self.disks.len() + self.nets.len() + self.fs.len() + usize::from(self.vsock.is_some());
         if devices > MAX_VIRTIO_DEVICES {
             return Err(ConfigError::TooManyDevices(devices));
         }
@@ -203,6 +231,34 @@ pub fn parse_net(spec: &str) -> Result<NetConfig, ConfigError> {
     Ok(net)
 }
 
+/// `--fs socket=PATH,tag=TAG`
+pub fn parse_fs(spec: &str) -> Result<FsConfig, ConfigError> {
+    let err = |reason: String| ConfigError::Spec {
+        what: "fs",
+        spec: spec.to_string(),
+        reason,
+    };
+    let mut fs = FsConfig {
+        socket: PathBuf::new(),
+        tag: String::new(),
+    };
+    for (k, v) in options(spec) {
+        match (k, v) {
+            ("socket", p) if !p.is_empty() => fs.socket = p.into(),
+            ("tag", t) if !t.is_empty() && t.len() <= TAG_LEN => fs.tag = t.to_string(),
+            ("tag", _) => return Err(err(format!("tag must be 1 to {TAG_LEN} bytes"))),
+            _ => return Err(err(format!("unknown or malformed option {k:?}"))),
+        }
+    }
+    if fs.socket.as_os_str().is_empty() {
+        return Err(err("socket=PATH is required".into()));
+    }
+    if fs.tag.is_empty() {
+        return Err(err("tag=TAG is required".into()));
+    }
+    Ok(fs)
+}
+
 fn parse_mac(s: &str) -> Option<[u8; 6]> {
     let mut mac = [0u8; 6];
     let mut parts = s.split(':');
@@ -234,6 +290,8 @@ mod tests {
             }),
             disks: Vec::new(),
             nets: Vec::new(),
+            fs: Vec::new(),
+            control_socket: None,
         }
     }
 
@@ -267,6 +325,47 @@ mod tests {
         let mut c = good();
         c.disks.push(parse_disk("path=/nonexistent.img").unwrap());
         assert!(matches!(c.validate(), Err(ConfigError::DiskMissing(_))));
+    }
+
+    #[test]
+    fn fs_specs() {
+        let f = parse_fs("socket=/run/vfs.sock,tag=pod-share").unwrap();
+        assert_eq!(f.socket, PathBuf::from("/run/vfs.sock"));
+        assert_eq!(f.tag, "pod-share");
+        let t36 = "a".repeat(36);
+        assert_eq!(parse_fs(&format!("socket=/s,tag={t36}")).unwrap().tag, t36);
+        for bad in [
+            "tag=x",
+            "socket=/s",
+            "socket=/s,tag=",
+            "socket=,tag=x",
+            "socket=/s,tag=x,ro",
+            &format!("socket=/s,tag={t36}b"),
+        ] {
+            assert!(parse_fs(bad).is_err(), "{bad}");
+        }
+
+        let dir = tempfile::tempdir().unwrap();
+        let sock = dir.path().join("vfs.sock");
+        let _listener = std::os::unix::net::UnixListener::bind(&sock).unwrap();
+        let share = |tag: &str| FsConfig {
+            socket: sock.clone(),
+            tag: tag.into(),
+        };
+        let mut c = good();
+        c.fs.push(share("a"));
+        assert_eq!(c.validate(), Ok(()));
+        c.fs.push(share("a"));
+        assert_eq!(c.validate(), Err(ConfigError::FsTag("a".into())));
+        let mut c = good();
+        c.fs.push(share("nul\0tag"));
+        assert!(matches!(c.validate(), Err(ConfigError::FsTag(_))));
+        let mut c = good();
+        c.fs.push(FsConfig {
+            socket: dir.path().join("absent.sock"),
+            tag: "a".into(),
+        });
+        assert!(matches!(c.validate(), Err(ConfigError::FsSocketMissing(_))));
     }
 
     #[test]

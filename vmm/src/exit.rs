@@ -14,6 +14,8 @@ pub enum VmExit {
     GuestCrash,
     /// The VMM received a termination signal.
     Signal(i32),
+    /// Stopped through the control socket (a hard stop, or a graceful one that timed out).
+    Stopped,
     /// The VMM could not continue running the guest.
     Error(String),
 }
@@ -22,7 +24,7 @@ impl VmExit {
     /// The process exit status of `husk-vmm` for this outcome.
     pub fn exit_code(&self) -> i32 {
         match self {
-            VmExit::GuestReset | VmExit::GuestShutdown => 0,
+            VmExit::GuestReset | VmExit::GuestShutdown | VmExit::Stopped => 0,
             VmExit::Error(_) => 1,
             VmExit::GuestCrash => 3,
             VmExit::Signal(n) => 128 + n,
@@ -37,6 +39,7 @@ impl std::fmt::Display for VmExit {
             VmExit::GuestShutdown => write!(f, "guest powered off"),
             VmExit::GuestCrash => write!(f, "guest crashed"),
             VmExit::Signal(n) => write!(f, "stopped by signal {n}"),
+            VmExit::Stopped => write!(f, "stopped through the control socket"),
             VmExit::Error(e) => write!(f, "error: {e}"),
         }
     }

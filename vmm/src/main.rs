@@ -46,6 +46,13 @@ struct Cli {
     /// A virtio-net interface on a tap: `tap=NAME[,mac=MAC][,netns=PATH]` (repeatable; eth0, ...).
     #[arg(long = "net", value_parser = husk_vmm::config::parse_net)]
     nets: Vec<husk_vmm::config::NetConfig>,
+    /// A virtio-fs share served by a vhost-user-fs daemon (virtiofsd): `socket=PATH,tag=TAG`
+    /// (repeatable; the guest mounts it with `mount -t virtiofs TAG DIR`).
+    #[arg(long = "fs", value_parser = husk_vmm::config::parse_fs)]
+    fs: Vec<husk_vmm::config::FsConfig>,
+    /// Serve the control socket here (state, pause/resume, stats, stop: docs/control-socket.md).
+    #[arg(long)]
+    control_socket: Option<PathBuf>,
 }
 
 fn main() -> ExitCode {
@@ -88,6 +95,8 @@ fn main() -> ExitCode {
         }),
         disks: cli.disks,
         nets: cli.nets,
+        fs: cli.fs,
+        control_socket: cli.control_socket,
     };
     if let Err(e) = config.validate() {
         eprintln!("husk-vmm: {e}");

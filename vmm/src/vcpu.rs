@@ -1,8 +1,9 @@
 //! The vCPU threads: run KVM_RUN, dispatch port-I/O and MMIO exits to the buses, report the exits
-//! that end the VM. A stop request interrupts KVM_RUN with a signal.
+//! that end the VM. Stop and pause requests interrupt KVM_RUN with a signal; a paused vCPU parks on
+//! the [`VcpuGate`] until it is resumed or stopped.
 
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Once};
+use std::sync::{Arc, Condvar, Mutex, Once};
 use std::thread::JoinHandle;
 use std::time::Duration;
 
@@ -29,6 +30,64 @@ pub struct VcpuHandle {
     thread: JoinHandle<()>,
 }
 
+/// Where vCPU threads park while the VM is paused.
+#[derive(Default)]
+pub struct VcpuGate {
+    state: Mutex<GateState>,
+    changed: Condvar,
+}
+
+#[derive(Default)]
+struct GateState {
+    paused: bool,
+    parked: usize,
+}
+
+impl VcpuGate {
+    fn lock(&self) -> std::sync::MutexGuard<'_, GateState> {
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Called by a vCPU thread between runs: blocks while the VM is paused and not stopping.
+    fn park_if_paused(&self, stop: &AtomicBool) {
+        let mut s = self.lock();
+        if !s.paused {
+            return;
+        }
+        s.parked += 1;
+        self.changed.notify_all();
+        while s.paused && !stop.load(Ordering::Acquire) {
+            s = self.changed.wait(s).unwrap_or_else(|e| e.into_inner());
+        }
+        s.parked -= 1;
+    }
+
+    pub fn set_paused(&self, paused: bool) {
+        self.lock().paused = paused;
+        self.changed.notify_all();
+    }
+
+    pub fn is_paused(&self) -> bool {
+        self.lock().paused
+    }
+
+    /// Waits until `count` vCPUs are parked, or `timeout` passes; returns whether they all are.
+    pub fn wait_parked(&self, count: usize, timeout: Duration) -> bool {
+        let s = self.lock();
+        let (s, _) = self
+            .changed
+            .wait_timeout_while(s, timeout, |s| s.parked < count)
+            .unwrap_or_else(|e| e.into_inner());
+        s.parked >= count
+    }
+
+    /// Wakes parked vCPUs so that they notice a stop.
+    pub fn wake_all(&self) {
+        let _guard = self.lock();
+        self.changed.notify_all();
+    }
+}
+
 /// The kick signal only needs to interrupt the KVM_RUN ioctl (EINTR); the handler does nothing.
 extern "C" fn kick_handler(_: libc::c_int, _: *mut libc::siginfo_t, _: *mut libc::c_void) {}
 
@@ -44,20 +103,29 @@ fn install_kick_handler() {
 impl Vcpu {
     /// Starts the vCPU on its own thread. It runs until the guest ends the VM, an error occurs, or
     /// `stop` is set and the thread is kicked.
-    pub fn start(self, exit: Arc<ExitLatch>, stop: Arc<AtomicBool>) -> std::io::Result<VcpuHandle> {
+    pub fn start(
+        self,
+        exit: Arc<ExitLatch>,
+        stop: Arc<AtomicBool>,
+        gate: Arc<VcpuGate>,
+    ) -> std::io::Result<VcpuHandle> {
         install_kick_handler();
         let thread = std::thread::Builder::new()
             .name(format!("vcpu{}", self.id))
             .spawn(move || {
-                if let Some(reason) = self.run_loop(&stop) {
+                if let Some(reason) = self.run_loop(&stop, &gate) {
                     exit.set(reason);
                 }
             })?;
         Ok(VcpuHandle { thread })
     }
 
-    fn run_loop(mut self, stop: &AtomicBool) -> Option<VmExit> {
+    fn run_loop(mut self, stop: &AtomicBool, gate: &VcpuGate) -> Option<VmExit> {
         while !stop.load(Ordering::Acquire) {
+            gate.park_if_paused(stop);
+            if stop.load(Ordering::Acquire) {
+                break;
+            }
             match self.fd.run() {
                 Ok(VcpuExit::IoIn(port, data)) => {
                     // Unclaimed ports float high, as on real hardware.
@@ -121,6 +189,15 @@ impl Vcpu {
 }
 
 impl VcpuHandle {
+    /// Interrupts KVM_RUN on this vCPU so that it looks at the gate and the stop flag.
+    pub fn kick(&self) {
+        if !self.thread.is_finished() {
+            if let Err(e) = self.thread.kill(SIGRTMIN()) {
+                tracing::warn!("cannot kick a vCPU thread: {e}");
+            }
+        }
+    }
+
     /// Kicks the thread out of KVM_RUN until it notices `stop` (which the caller has set) and exits.
     /// The signal may land just before the thread re-enters KVM_RUN, so it is repeated.
     pub fn stop_and_join(self) {
@@ -134,5 +211,38 @@ impl VcpuHandle {
         if self.thread.join().is_err() {
             tracing::error!("a vCPU thread panicked");
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn gate_parks_until_resumed_or_stopped() {
+        let gate = Arc::new(VcpuGate::default());
+        let stop = Arc::new(AtomicBool::new(false));
+        gate.set_paused(true);
+        let threads: Vec<_> = (0..3)
+            .map(|_| {
+                let (g, s) = (gate.clone(), stop.clone());
+                std::thread::spawn(move || g.park_if_paused(&s))
+            })
+            .collect();
+        assert!(gate.wait_parked(3, Duration::from_secs(5)));
+        assert!(threads.iter().all(|t| !t.is_finished()));
+        gate.set_paused(false);
+        for t in threads {
+            t.join().unwrap();
+        }
+
+        gate.set_paused(true);
+        let (g, s) = (gate.clone(), stop.clone());
+        let t = std::thread::spawn(move || g.park_if_paused(&s));
+        assert!(gate.wait_parked(1, Duration::from_secs(5)));
+        stop.store(true, Ordering::Release);
+        gate.wake_all();
+        t.join().unwrap();
+        assert!(!gate.wait_parked(1, Duration::from_millis(10)));
     }
 }

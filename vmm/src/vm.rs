@@ -6,9 +6,9 @@ use std::io::Write;
 use std::os::fd::AsRawFd;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicI32, Ordering};
-use std::sync::{Arc, Mutex, OnceLock};
+use std::sync::{mpsc, Arc, Mutex, OnceLock};
 use std::thread::JoinHandle;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use event_manager::{EventManager, MutEventSubscriber, SubscriberOps};
 use kvm_bindings::{
@@ -16,24 +16,27 @@ use kvm_bindings::{
 };
 use kvm_ioctls::{Cap, IoEventAddress, Kvm, VmFd};
 use vm_memory::{Address, GuestAddress, GuestMemoryBackend, GuestMemoryRegion};
-use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
 use vmm_sys_util::eventfd::EventFd;
 
 use crate::boot::{self, cpu, BootSpec};
 use crate::config::{ConsoleOutput, VmConfig, BASE_CMDLINE};
+use crate::control::{spawn_control_server, ControlCommand, DeviceHandle};
 use crate::devices::bus::{Bus, BusDevice};
 use crate::devices::i8042::{I8042, I8042_LEN, I8042_PORT};
 use crate::devices::serial::{SerialConsole, COM1_IRQ, COM1_LEN, COM1_PORT};
 use crate::devices::virtio::block::Block;
+use crate::devices::virtio::fs::Fs;
 use crate::devices::virtio::mmio::{MmioTransport, MMIO_LEN};
 use crate::devices::virtio::net::Net;
 use crate::devices::virtio::vsock::Vsock;
 use crate::devices::virtio::VirtioDevice;
 use crate::exit::{ExitLatch, VmExit};
 use crate::memory::{
-    create_guest_memory, GuestMemory, KVM_IDENTITY_MAP_ADDR, KVM_TSS_ADDR, VIRTIO_MMIO_START,
+    create_guest_memory_with, GuestMemory, MemoryBacking, KVM_IDENTITY_MAP_ADDR, KVM_TSS_ADDR,
+    VIRTIO_MMIO_START,
 };
-use crate::vcpu::{Vcpu, VcpuHandle};
+use crate::supervisor::Supervisor;
+use crate::vcpu::{Vcpu, VcpuGate, VcpuHandle};
 
 /// virtio-mmio devices get GSIs from here up (below are the legacy ISA ones: serial on 4).
 const VIRTIO_FIRST_IRQ: u32 = 5;
@@ -78,6 +81,8 @@ pub enum VmError {
     Device { what: &'static str, reason: String },
     #[error("virtio-mmio transport: {0}")]
     Transport(String),
+    #[error("control socket: {0}")]
+    Control(String),
 }
 
 fn kvm_err(what: &'static str) -> impl FnOnce(kvm_ioctls::Error) -> VmError {
@@ -96,9 +101,12 @@ pub struct Vm {
     _mem: GuestMemory,
     vcpus: Vec<Vcpu>,
     subscribers: Vec<Subscriber>,
+    devices: Vec<DeviceHandle>,
     exit: Arc<ExitLatch>,
     reset_evt: EventFd,
     vsock_uds: Option<PathBuf>,
+    control_socket: Option<PathBuf>,
+    mem_mib: u64,
 }
 
 impl Vm {
@@ -130,7 +138,13 @@ impl Vm {
         };
         vm_fd.create_pit2(pit).map_err(kvm_err("create PIT"))?;
 
-        let mem = create_guest_memory(config.mem_mib)?;
+        // A vhost-user daemon maps guest RAM itself: it must be a shareable memfd then.
+        let backing = if config.fs.is_empty() {
+            MemoryBacking::Anonymous
+        } else {
+            MemoryBacking::SharedMemfd
+        };
+        let mem = create_guest_memory_with(config.mem_mib, backing)?;
         register_memory(&vm_fd, &mem)?;
 
         let mut pio = Bus::new();
@@ -173,6 +187,7 @@ impl Vm {
         let mut cmdline = boot::new_cmdline();
         cmdline.insert_str(BASE_CMDLINE).map_err(VmError::Cmdline)?;
 
+        let mut devices = Vec::new();
         let mut virtio = VirtioSlots {
             vm_fd: &vm_fd,
             mem: &mem,
@@ -185,11 +200,18 @@ impl Vm {
                 what: "virtio-blk",
                 reason: e.to_string(),
             })?;
-            virtio.attach(dev)?;
+            devices.push(DeviceHandle::Block(virtio.attach(dev)?));
         }
         for net in &config.nets {
             let dev = Net::new(net.clone()).map_err(|e| VmError::Device {
                 what: "virtio-net",
+                reason: e.to_string(),
+            })?;
+            devices.push(DeviceHandle::Net(virtio.attach(dev)?));
+        }
+        for fs in &config.fs {
+            let dev = Fs::new(fs.clone()).map_err(|e| VmError::Device {
+                what: "virtio-fs",
                 reason: e.to_string(),
             })?;
             virtio.attach(dev)?;
@@ -200,7 +222,7 @@ impl Vm {
                     what: "virtio-vsock",
                     reason: e.to_string(),
                 })?;
-            virtio.attach(dev)?;
+            devices.push(DeviceHandle::Vsock(virtio.attach(dev)?));
         }
         let subscribers = virtio.subscribers;
 
@@ -245,9 +267,12 @@ impl Vm {
             _mem: mem,
             vcpus,
             subscribers,
+            devices,
             exit,
             reset_evt,
             vsock_uds: config.vsock.as_ref().map(|v| v.uds_path.clone()),
+            control_socket: config.control_socket.clone(),
+            mem_mib: config.mem_mib,
         })
     }
 
@@ -255,7 +280,7 @@ impl Vm {
     pub fn run(mut self) -> VmExit {
         let stop = Arc::new(AtomicBool::new(false));
         let result = self.run_inner(&stop);
-        if let Some(p) = &self.vsock_uds {
+        for p in self.vsock_uds.iter().chain(&self.control_socket) {
             let _ = std::fs::remove_file(p);
         }
         result
@@ -270,9 +295,15 @@ impl Vm {
             Ok(t) => t,
             Err(e) => return VmExit::Error(format!("starting the device event loop: {e}")),
         };
+        let control = match self.start_control_server(stop) {
+            Ok(c) => c,
+            Err(e) => return VmExit::Error(e.to_string()),
+        };
+        let started = Instant::now();
+        let gate = Arc::new(VcpuGate::default());
         let mut handles: Vec<VcpuHandle> = Vec::new();
         for vcpu in self.vcpus.drain(..) {
-            match vcpu.start(self.exit.clone(), stop.clone()) {
+            match vcpu.start(self.exit.clone(), stop.clone(), gate.clone()) {
                 Ok(h) => handles.push(h),
                 Err(e) => {
                     self.exit
@@ -282,15 +313,58 @@ impl Vm {
             }
         }
 
-        let reason = wait_for_exit(&self.exit, &self.reset_evt, signal_evt);
+        let (control_rx, control_thread) = match control {
+            Some((rx, notify, thread)) => (Some((rx, notify)), Some(thread)),
+            None => (None, None),
+        };
+        let reason = Supervisor {
+            exit: &self.exit,
+            reset: &self.reset_evt,
+            signal: signal_evt,
+            signal_number: || LAST_SIGNAL.load(Ordering::Relaxed),
+            control: control_rx,
+            vcpus: &handles,
+            gate: &gate,
+            devices: &self.devices,
+            mem_mib: self.mem_mib,
+            vsock_uds: self.vsock_uds.clone(),
+            started,
+        }
+        .run();
         stop.store(true, Ordering::Release);
+        gate.wake_all();
         for h in handles {
             h.stop_and_join();
         }
-        if events.join().is_err() {
-            tracing::error!("the device event loop panicked");
+        for (what, t) in [
+            ("device event loop", Some(events)),
+            ("control", control_thread),
+        ] {
+            if t.is_some_and(|t| t.join().is_err()) {
+                tracing::error!("the {what} thread panicked");
+            }
         }
         reason
+    }
+
+    /// The control socket, if configured: its request channel, the eventfd that announces requests,
+    /// and the listener thread.
+    #[allow(clippy::type_complexity)]
+    fn start_control_server(
+        &self,
+        stop: &Arc<AtomicBool>,
+    ) -> Result<Option<(mpsc::Receiver<ControlCommand>, EventFd, JoinHandle<()>)>, VmError> {
+        let Some(path) = &self.control_socket else {
+            return Ok(None);
+        };
+        let (tx, rx) = mpsc::channel();
+        let notify = EventFd::new(libc::EFD_NONBLOCK).map_err(io_err("create control eventfd"))?;
+        let notify_server = notify
+            .try_clone()
+            .map_err(io_err("clone control eventfd"))?;
+        let thread = spawn_control_server(path, tx, notify_server, stop.clone())
+            .map_err(|e| VmError::Control(e.to_string()))?;
+        Ok(Some((rx, notify, thread)))
     }
 }
 
@@ -327,7 +401,7 @@ struct VirtioSlots<'a> {
 }
 
 impl VirtioSlots<'_> {
-    fn attach<D>(&mut self, device: D) -> Result<(), VmError>
+    fn attach<D>(&mut self, device: D) -> Result<Arc<Mutex<D>>, VmError>
     where
         D: VirtioDevice + MutEventSubscriber + Send + 'static,
     {
@@ -354,8 +428,8 @@ impl VirtioSlots<'_> {
         self.cmdline
             .add_virtio_mmio_device(MMIO_LEN, GuestAddress(base), irq, None)
             .map_err(VmError::Cmdline)?;
-        self.subscribers.push(device);
-        Ok(())
+        self.subscribers.push(device.clone());
+        Ok(device)
     }
 }
 
@@ -417,47 +491,4 @@ fn install_termination_signals() -> std::io::Result<EventFd> {
         .get()
         .ok_or_else(|| std::io::Error::other("signal eventfd missing"))?
         .try_clone()
-}
-
-/// Blocks until a vCPU reports an exit, the guest resets through the i8042, or a signal arrives.
-fn wait_for_exit(exit: &ExitLatch, reset: &EventFd, signal: EventFd) -> VmExit {
-    let epoll = match Epoll::new() {
-        Ok(e) => e,
-        Err(e) => return VmExit::Error(format!("epoll: {e}")),
-    };
-    for (i, fd) in [
-        exit.event().as_raw_fd(),
-        reset.as_raw_fd(),
-        signal.as_raw_fd(),
-    ]
-    .into_iter()
-    .enumerate()
-    {
-        if let Err(e) = epoll.ctl(
-            ControlOperation::Add,
-            fd,
-            EpollEvent::new(EventSet::IN, i as u64),
-        ) {
-            return VmExit::Error(format!("epoll add: {e}"));
-        }
-    }
-    let mut ready = [EpollEvent::default(); 3];
-    loop {
-        let n = match epoll.wait(-1, &mut ready) {
-            Ok(n) => n,
-            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
-            Err(e) => return VmExit::Error(format!("epoll wait: {e}")),
-        };
-        for ev in &ready[..n] {
-            match ev.data() {
-                0 => {
-                    if let Some(r) = exit.take() {
-                        return r;
-                    }
-                }
-                1 => return VmExit::GuestReset,
-                _ => return VmExit::Signal(LAST_SIGNAL.load(Ordering::Relaxed)),
-            }
-        }
-    }
 }

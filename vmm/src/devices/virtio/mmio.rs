@@ -177,7 +177,12 @@ impl MmioTransport {
             reg::QUEUE_NUM_MAX => self.selected_queue().map_or(0, |q| u32::from(q.max_size())),
             reg::QUEUE_READY => self.selected_queue().map_or(0, |q| u32::from(q.ready())),
             reg::INTERRUPT_STATUS => self.interrupt.status(),
-            reg::STATUS => self.status,
+            reg::STATUS => {
+                if self.status & DRIVER_OK != 0 && lock(&self.device).needs_reset() {
+                    self.status |= DEVICE_NEEDS_RESET;
+                }
+                self.status
+            }
             // No shared memory regions: a length of all ones means "absent".
             reg::SHM_LEN_LOW | reg::SHM_LEN_HIGH | reg::SHM_BASE_LOW | reg::SHM_BASE_HIGH => {
                 u32::MAX

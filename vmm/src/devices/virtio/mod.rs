@@ -1,4 +1,4 @@
-//! Virtio over MMIO: the transport and the devices (block, net, vsock).
+//! Virtio over MMIO: the transport and the devices (block, net, vsock, fs).
 //!
 //! The split is the usual one: [`mmio::MmioTransport`] owns everything the guest driver programs
 //! through registers (status, features, queue addresses) and hands a device implementing
@@ -7,6 +7,7 @@
 
 pub mod block;
 pub mod chain;
+pub mod fs;
 pub mod mmio;
 pub mod net;
 #[cfg(test)]
@@ -52,6 +53,8 @@ pub enum ActivateError {
     AlreadyActive,
     #[error("cannot clone/signal an event fd for activation: {0}")]
     EventFd(#[source] io::Error),
+    #[error("device backend: {0}")]
+    Backend(String),
 }
 
 /// Interrupt line shared between a transport and its device: the MMIO `InterruptStatus` bits plus
@@ -123,6 +126,11 @@ pub trait VirtioDevice: Send {
     ) -> Result<(), ActivateError>;
     /// Stops the device and drops everything tied to the current driver instance.
     fn reset(&mut self);
+    /// Whether the device broke on its own after activation (e.g. its backend process died);
+    /// the transport then reports `DEVICE_NEEDS_RESET`.
+    fn needs_reset(&self) -> bool {
+        false
+    }
 }
 
 /// Copies `config[offset..offset+data.len()]` into `data`, zero-filling whatever lies outside

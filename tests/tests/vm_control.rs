@@ -1,0 +1,88 @@
+//! End to end: the VMM's control socket on a running VM (state, pause/resume, stats, graceful and hard
+//! stop). Needs KVM: run through tests/testhost/run (make e2e).
+
+use std::time::{Duration, Instant};
+
+use husk_tests::{require_kvm, Artifacts, VmOptions, VmProcess};
+
+fn boot() -> (
+    VmProcess,
+    husk_proto::client::AgentClient,
+    tokio::runtime::Runtime,
+) {
+    let a = Artifacts::locate().unwrap_or_else(|e| panic!("{e}"));
+    require_kvm().unwrap_or_else(|e| panic!("{e}"));
+    let opts = VmOptions {
+        vcpus: 2,
+        control_socket: true,
+        ..VmOptions::agent(&a)
+    };
+    let vm = VmProcess::spawn(&a, &opts).unwrap();
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let client = rt
+        .block_on(vm.connect_agent(Duration::from_secs(90)))
+        .unwrap_or_else(|e| panic!("agent did not answer: {e}\nconsole:\n{}", vm.console()));
+    (vm, client, rt)
+}
+
+#[test]
+fn state_pause_resume_stats_and_graceful_stop() {
+    let (mut vm, client, rt) = boot();
+    let s = vm.control(r#"{"op":"state"}"#).unwrap();
+    assert_eq!(s["ok"], true, "{s}");
+    assert_eq!(s["state"], "running");
+    assert_eq!(s["vcpus"], 2);
+    assert_eq!(s["mem_mib"], 128);
+
+    let p = vm.control(r#"{"op":"pause"}"#).unwrap();
+    assert_eq!(p["state"], "paused", "{p}");
+    assert_eq!(vm.control(r#"{"op":"state"}"#).unwrap()["state"], "paused");
+    let r = vm.control(r#"{"op":"resume"}"#).unwrap();
+    assert_eq!(r["state"], "running", "{r}");
+    rt.block_on(client.ping())
+        .expect("the guest runs again after resume");
+
+    let st = vm.control(r#"{"op":"stats"}"#).unwrap();
+    let vsock = &st["devices"][0];
+    assert_eq!(vsock["type"], "vsock", "{st}");
+    assert_eq!(vsock["active"], true);
+    assert!(
+        vsock["connections"].as_u64().unwrap() >= 1,
+        "our agent connection: {st}"
+    );
+
+    let bad = vm.control(r#"{"op":"reboot"}"#).unwrap();
+    assert_eq!(bad["ok"], false);
+
+    let t = Instant::now();
+    let g = vm
+        .control(r#"{"op":"stop","mode":"graceful","timeout_ms":60000}"#)
+        .unwrap();
+    assert_eq!(g["stopping"], "graceful", "{g}");
+    let status = vm.wait_exit(Duration::from_secs(60)).unwrap();
+    assert_eq!(status.code(), Some(0), "stderr: {}", vm.stderr());
+    assert!(
+        vm.console()
+            .contains("shutdown requested on the control port"),
+        "the guest was asked, not killed; console:\n{}",
+        vm.console()
+    );
+    assert!(t.elapsed() < Duration::from_secs(60));
+    assert!(
+        !vm.dir().join("control.sock").exists(),
+        "the control socket was removed"
+    );
+}
+
+#[test]
+fn hard_stop_ends_the_vm_at_once() {
+    let (mut vm, _client, _rt) = boot();
+    let h = vm.control(r#"{"op":"stop","mode":"hard"}"#).unwrap();
+    assert_eq!(h["stopping"], "hard", "{h}");
+    let status = vm.wait_exit(Duration::from_secs(10)).unwrap();
+    assert_eq!(status.code(), Some(0), "stderr: {}", vm.stderr());
+    assert!(!vm.vsock_path().exists());
+}

@@ -1,0 +1,54 @@
+//! Device statistics for the control socket's `stats` request.
+
+use std::sync::{Arc, Mutex};
+
+use serde_json::{json, Value};
+
+use crate::devices::virtio::block::Block;
+use crate::devices::virtio::net::Net;
+use crate::devices::virtio::vsock::Vsock;
+
+/// A typed handle on a VM's virtio device, kept for reporting.
+pub enum DeviceHandle {
+    Block(Arc<Mutex<Block>>),
+    Net(Arc<Mutex<Net>>),
+    Vsock(Arc<Mutex<Vsock>>),
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+impl DeviceHandle {
+    pub fn stats(&self, slot: usize) -> Value {
+        match self {
+            DeviceHandle::Block(d) => {
+                let d = lock(d);
+                let s = d.stats();
+                json!({
+                    "type": "block", "slot": slot, "active": d.is_active(),
+                    "reads": s.reads, "writes": s.writes, "flushes": s.flushes,
+                    "read_bytes": s.read_bytes, "write_bytes": s.write_bytes,
+                    "failed": s.failed, "unsupported": s.unsupported, "malformed": s.malformed,
+                })
+            }
+            DeviceHandle::Net(d) => {
+                let d = lock(d);
+                let s = d.stats();
+                json!({
+                    "type": "net", "slot": slot, "active": d.is_active(), "tap": d.tap_name(),
+                    "tx_frames": s.tx_frames, "tx_bytes": s.tx_bytes, "tx_dropped": s.tx_dropped,
+                    "tx_malformed": s.tx_malformed, "rx_frames": s.rx_frames, "rx_bytes": s.rx_bytes,
+                    "rx_dropped": s.rx_dropped, "rx_malformed": s.rx_malformed,
+                })
+            }
+            DeviceHandle::Vsock(d) => {
+                let d = lock(d);
+                json!({
+                    "type": "vsock", "slot": slot, "active": d.is_active(),
+                    "connections": d.connection_count(), "malformed": d.dropped_chains(),
+                })
+            }
+        }
+    }
+}
