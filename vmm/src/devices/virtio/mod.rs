@@ -18,7 +18,7 @@ use std::io;
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::Arc;
 
-use virtio_queue::Queue;
+use virtio_queue::{Queue, QueueT};
 use vmm_sys_util::eventfd::EventFd;
 
 /// Guest memory as the virtio devices see it.
@@ -55,6 +55,29 @@ pub enum ActivateError {
     EventFd(#[source] io::Error),
     #[error("device backend: {0}")]
     Backend(String),
+}
+
+/// The checks every device makes before it takes the queues the transport hands it on `DRIVER_OK`:
+/// not already active, exactly `expected` queues with their eventfds, every queue made ready.
+pub fn check_activation(
+    already_active: bool,
+    expected: usize,
+    queues: &[Queue],
+    queue_evts: &[EventFd],
+) -> Result<(), ActivateError> {
+    if already_active {
+        return Err(ActivateError::AlreadyActive);
+    }
+    if queues.len() != expected || queue_evts.len() != expected {
+        return Err(ActivateError::QueueCount {
+            expected,
+            got: queues.len().min(queue_evts.len()),
+        });
+    }
+    match queues.iter().position(|q| !q.ready()) {
+        Some(i) => Err(ActivateError::QueueNotReady(i)),
+        None => Ok(()),
+    }
 }
 
 /// Interrupt line shared between a transport and its device: the MMIO `InterruptStatus` bits plus

@@ -29,8 +29,8 @@ use vmm_sys_util::eventfd::EventFd;
 
 use super::chain;
 use super::{
-    read_config_bytes, ActivateError, GuestMemory, IrqTrigger, VirtioDevice, VIRTIO_F_VERSION_1,
-    VIRTIO_MMIO_INT_VRING,
+    check_activation, read_config_bytes, ActivateError, GuestMemory, IrqTrigger, VirtioDevice,
+    VIRTIO_F_VERSION_1, VIRTIO_MMIO_INT_VRING,
 };
 use request::{Disk, Kind, Malformed, RequestChain};
 pub use request::{ID_LEN, MAX_DATA_LEN, SECTOR_SIZE};
@@ -385,24 +385,13 @@ impl VirtioDevice for Block {
         mut queue_evts: Vec<EventFd>,
         interrupt: IrqTrigger,
     ) -> Result<(), ActivateError> {
-        if self.active.is_some() {
-            return Err(ActivateError::AlreadyActive);
-        }
-        if queues.len() != 1 || queue_evts.len() != 1 {
-            return Err(ActivateError::QueueCount {
-                expected: 1,
-                got: queues.len().min(queue_evts.len()),
-            });
-        }
+        check_activation(self.active.is_some(), 1, &queues, &queue_evts)?;
         let (Some(queue), Some(evt)) = (queues.pop(), queue_evts.pop()) else {
             return Err(ActivateError::QueueCount {
                 expected: 1,
                 got: 0,
             });
         };
-        if !queue.ready() {
-            return Err(ActivateError::QueueNotReady(0));
-        }
         self.ctl_evt.write(1).map_err(ActivateError::EventFd)?;
         self.active = Some(Active {
             mem,

@@ -35,8 +35,8 @@ use vmm_sys_util::epoll::EventSet;
 use vmm_sys_util::eventfd::EventFd;
 
 use super::{
-    read_config_bytes, ActivateError, GuestMemory, IrqTrigger, VirtioDevice, VIRTIO_F_VERSION_1,
-    VIRTIO_MMIO_INT_CONFIG, VIRTIO_MMIO_INT_VRING,
+    check_activation, read_config_bytes, ActivateError, GuestMemory, IrqTrigger, VirtioDevice,
+    VIRTIO_F_VERSION_1, VIRTIO_MMIO_INT_CONFIG, VIRTIO_MMIO_INT_VRING,
 };
 
 /// Virtio device ID of file system devices.
@@ -423,18 +423,7 @@ impl VirtioDevice for Fs {
         queue_evts: Vec<EventFd>,
         interrupt: IrqTrigger,
     ) -> Result<(), ActivateError> {
-        if self.active.is_some() {
-            return Err(ActivateError::AlreadyActive);
-        }
-        if queues.len() != NUM_QUEUES || queue_evts.len() != NUM_QUEUES {
-            return Err(ActivateError::QueueCount {
-                expected: NUM_QUEUES,
-                got: queues.len().min(queue_evts.len()),
-            });
-        }
-        if let Some(i) = queues.iter().position(|q| !q.ready()) {
-            return Err(ActivateError::QueueNotReady(i));
-        }
+        check_activation(self.active.is_some(), NUM_QUEUES, &queues, &queue_evts)?;
         if self.dead {
             return Err(ActivateError::Backend(
                 "the vhost-user-fs daemon is gone".into(),

@@ -39,8 +39,8 @@ use vmm_sys_util::eventfd::EventFd;
 
 use super::chain::{self, ChainError, GuestBufs};
 use super::{
-    read_config_bytes, ActivateError, GuestMemory, IrqTrigger, VirtioDevice, VIRTIO_F_VERSION_1,
-    VIRTIO_MMIO_INT_VRING,
+    check_activation, read_config_bytes, ActivateError, GuestMemory, IrqTrigger, VirtioDevice,
+    VIRTIO_F_VERSION_1, VIRTIO_MMIO_INT_VRING,
 };
 pub use tap::{Tap, TapError, VNET_HDR_LEN};
 
@@ -778,18 +778,7 @@ impl VirtioDevice for Net {
         queue_evts: Vec<EventFd>,
         interrupt: IrqTrigger,
     ) -> Result<(), ActivateError> {
-        if self.active.is_some() {
-            return Err(ActivateError::AlreadyActive);
-        }
-        if queues.len() != NUM_QUEUES || queue_evts.len() != NUM_QUEUES {
-            return Err(ActivateError::QueueCount {
-                expected: NUM_QUEUES,
-                got: queues.len().min(queue_evts.len()),
-            });
-        }
-        if let Some(i) = queues.iter().position(|q| !q.ready()) {
-            return Err(ActivateError::QueueNotReady(i));
-        }
+        check_activation(self.active.is_some(), NUM_QUEUES, &queues, &queue_evts)?;
         self.ctl_evt.write(1).map_err(ActivateError::EventFd)?;
         self.active = Some(Active {
             mem,
