@@ -76,7 +76,10 @@ unit:
 e2e: guest testhost
 	e2e=$$($(CARGO) test --release -p husk-tests --no-run --message-format=json 2>/dev/null | \
 		jq -r 'select(.profile.test == true and .target.kind == ["test"] and .executable != null) | .executable' | tr '\n' ' '); \
-	$(TESTHOST) tests/run-in-testhost $$e2e
+	cgroup=$$($(CARGO) test --release -p husk-agent --test container_cgroup --no-run --message-format=json 2>/dev/null | \
+		jq -r 'select(.target.kind == ["test"] and .executable != null) | .executable'); \
+	[ -n "$$e2e" ] && [ -x "$$cgroup" ] || { echo "e2e: the test binaries did not build" >&2; exit 1; }; \
+	HUSK_E2E_CGROUP_TEST=$$cgroup $(TESTHOST) tests/run-in-testhost $$e2e
 
 test: deps lint unit e2e
 	@echo "make test: all checks passed"
