@@ -516,6 +516,31 @@ where
     M: std::ops::Deref,
     M::Target: vm_memory::GuestMemory,
 {
+    let len = gather_frame(buf, acked, mem, chain)?;
+    let frame = &buf[..len];
+    loop {
+        return match tap.write_frame(frame) {
+            Ok(n) if n == len => Ok(len - VNET_HDR_LEN),
+            Ok(n) => Err(TxError::Partial { wrote: n, len }),
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => Err(TxError::WouldBlock),
+            Err(e) => Err(TxError::Tap(e)),
+        };
+    }
+}
+
+/// Validates one tx chain and gathers it (virtio-net header included) into `buf`; returns the
+/// length of what was gathered.
+fn gather_frame<M>(
+    buf: &mut [u8],
+    acked: u64,
+    mem: &GuestMemory,
+    chain: virtio_queue::DescriptorChain<M>,
+) -> Result<usize, TxError>
+where
+    M: std::ops::Deref,
+    M::Target: vm_memory::GuestMemory,
+{
     let descs = chain::walk(chain, mem, MAX_CHAIN_DESCS)?;
     let mut bufs = GuestBufs::new();
     for d in &descs {
@@ -534,15 +559,29 @@ where
         .ok_or(TxError::TooLarge(total))?;
     bufs.read_at(mem, 0, frame)?;
     check_tx_header(frame, acked)?;
-    let len = frame.len();
-    loop {
-        return match tap.write_frame(frame) {
-            Ok(n) if n == len => Ok(len - VNET_HDR_LEN),
-            Ok(n) => Err(TxError::Partial { wrote: n, len }),
-            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock => Err(TxError::WouldBlock),
-            Err(e) => Err(TxError::Tap(e)),
-        };
+    Ok(frame.len())
+}
+
+/// Entry points for the fuzz targets in `fuzz/` (no stable API): the guest-controlled part of
+/// the tx path, without the tap.
+#[doc(hidden)]
+pub mod fuzzing {
+    use super::GuestMemory;
+
+    /// Validates and gathers one tx chain into `buf` (at least [`super::MAX_FRAME_LEN`] bytes,
+    /// like the device's buffer), exactly as `process_tx` does before writing to the tap.
+    /// Returns the gathered length, or the rejection as text.
+    pub fn gather_tx_frame<M>(
+        buf: &mut [u8],
+        acked: u64,
+        mem: &GuestMemory,
+        chain: virtio_queue::DescriptorChain<M>,
+    ) -> Result<usize, String>
+    where
+        M: std::ops::Deref,
+        M::Target: vm_memory::GuestMemory,
+    {
+        super::gather_frame(buf, acked, mem, chain).map_err(|e| e.to_string())
     }
 }
 
