@@ -19,7 +19,7 @@ APT_PACKAGES := linux-source-6.1 flex bison bc libelf-dev libssl-dev cpio xz-uti
 VIRTIOFSD_VERSION := 1.14.0
 VIRTIOFSD := $(HUSK_CACHE)/virtiofsd-$(VIRTIOFSD_VERSION)/bin/virtiofsd
 
-.PHONY: all deps build agent guest testhost virtiofsd lint unit e2e test bench demo clean
+.PHONY: all deps build agent guest testhost virtiofsd lint unit e2e test bench demo fuzz clean
 
 all: build
 
@@ -89,6 +89,26 @@ bench: guest testhost
 
 demo: deps guest testhost
 	$(TESTHOST) target/release/husk-demo
+
+# libFuzzer targets for the guest-controlled virtio parsers (fuzz/, its own cargo workspace), each
+# run for FUZZ_SECONDS. Not part of `make test`. cargo fuzz needs nightly flags: RUSTC_BOOTSTRAP
+# lets the stable toolchain accept them. New corpus entries go to a scratch directory (the seeds in
+# fuzz/corpus stay as committed); crashes are saved in fuzz/artifacts/<target>/.
+FUZZ_SECONDS ?= 60
+FUZZ_TARGETS := chain_reader net_tx blk_request vsock_tx
+CARGO_FUZZ_VERSION := 0.13.2
+CARGO_FUZZ := $(HUSK_CACHE)/cargo-fuzz/bin/cargo-fuzz
+
+fuzz:
+	@[ -x $(CARGO_FUZZ) ] || $(CARGO) install --locked cargo-fuzz --version $(CARGO_FUZZ_VERSION) \
+		--root $(HUSK_CACHE)/cargo-fuzz
+	@scratch=$$(mktemp -d -p /dev/shm 2>/dev/null || mktemp -d); trap 'rm -rf "$$scratch"' EXIT; \
+	for t in $(FUZZ_TARGETS); do \
+		echo "[fuzz] $$t for $(FUZZ_SECONDS)s"; mkdir -p "$$scratch/$$t"; \
+		RUSTC_BOOTSTRAP=1 HUSK_FUZZ_SCRATCH="$$scratch" PATH="$(HUSK_CACHE)/cargo-fuzz/bin:$$PATH" $(CARGO) fuzz run $$t \
+			"$$scratch/$$t" fuzz/corpus/$$t -- -max_total_time=$(FUZZ_SECONDS) -rss_limit_mb=2048 \
+			-print_final_stats=1; \
+	done
 
 clean:
 	rm -rf build target/bench

@@ -1,0 +1,106 @@
+#!/usr/bin/env python3
+"""Writes the seed corpora in fuzz/corpus/<target>/ (see src/lib.rs for the input layout)."""
+import os
+import struct
+
+NEXT, WRITE = 1, 2
+PAYLOAD = 0x1000
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+
+def seed(knobs, descs, ring, payload=b"", avail_idx=None):
+    """descs: (addr, len, flags, next); payload lands at guest address PAYLOAD."""
+    out = bytes(knobs) + bytes([len(descs), len(ring) if avail_idx is None else avail_idx])
+    out += b"".join(struct.pack("<QIHH", *d) for d in descs)
+    out += b"".join(struct.pack("<H", h) for h in ring)
+    return out + payload
+
+
+def at(buf, off, data):
+    """Places `data` at guest address PAYLOAD + off of a payload buffer."""
+    buf = bytearray(buf)
+    if len(buf) < off + len(data):
+        buf += bytes(off + len(data) - len(buf))
+    buf[off:off + len(data)] = data
+    return bytes(buf)
+
+
+def chain_reader():
+    yield "two_descs", seed([16, 1, 0, 0], [(0x1000, 3, NEXT, 1), (0x1100, 5, WRITE, 0)], [0],
+                            b"abcdefgh")
+    yield "two_chains", seed([4, 0, 0, 0], [(0x1000, 8, 0, 0), (0x1008, 8, NEXT, 2),
+                                            (0x1010, 8, WRITE, 0)], [0, 1], bytes(range(24)))
+    yield "loop", seed([16, 0, 0, 0], [(0x1000, 4, NEXT, 1), (0x1004, 4, NEXT, 0)], [0])
+    yield "straddles_hole", seed([16, 0, 0, 0], [(0xfff0, 0x20, WRITE, 0)], [0])
+    yield "bad_avail_idx", seed([16, 0, 0, 0], [(0x1000, 4, 0, 0)], [0], avail_idx=200)
+
+
+def net_tx():
+    frame = bytes(12) + b"\xff" * 6 + b"\x02HUSK\x01" + b"\x88\xb5" + b"hello, tap" + bytes(36)
+    yield "one_desc", seed([0, 0, 0, 0], [(0x1000, len(frame), 0, 0)], [0], frame)
+    yield "split_header", seed([0, 0, 0, 0], [(0x1000, 5, NEXT, 1), (0x1005, len(frame) - 5, 0, 0)],
+                               [0], frame)
+    csum = bytes([1, 0]) + bytes(10) + frame[12:]
+    yield "csum_offload", seed([1, 0, 0, 0], [(0x1000, len(csum), 0, 0)], [0], csum)
+    tso = bytes([1, 1]) + bytes(10) + frame[12:]
+    yield "tso4", seed([3, 0, 0, 0], [(0x1000, len(tso), 0, 0)], [0], tso)
+    yield "writable", seed([0, 0, 0, 0], [(0x1000, len(frame), WRITE, 0)], [0], frame)
+
+
+def blk_request():
+    IN, OUT, FLUSH, GET_ID, DISCARD, WRITE_ZEROES = 0, 1, 4, 8, 11, 13
+
+    def hdr(t, sector):
+        return struct.pack("<IIQ", t, 0, sector)
+
+    # Header at 0x1000, status byte at 0x1010, data at 0x1200.
+    three = lambda n, dflags: [(0x1000, 16, NEXT, 1), (0x1200, n, dflags | NEXT, 2),
+                               (0x1010, 1, WRITE, 0)]
+    yield "read", seed([0, 0, 0, 0], three(1024, WRITE), [0], hdr(IN, 3))
+    yield "write", seed([0, 0, 0, 0], three(512, 0), [0],
+                        at(hdr(OUT, 5), 0x200, b"\x5a" * 512))
+    yield "write_ro", seed([1, 0, 0, 0], three(512, 0), [0], at(hdr(OUT, 5), 0x200, b"\x5a" * 512))
+    yield "flush", seed([0, 0, 0, 0], [(0x1000, 16, NEXT, 1), (0x1010, 1, WRITE, 0)], [0],
+                        hdr(FLUSH, 0))
+    yield "get_id", seed([2, 0, 0, 0], three(20, WRITE), [0], hdr(GET_ID, 0))
+    seg = struct.pack("<QII", 2, 4, 0)
+    yield "discard", seed([0, 0, 0, 0], three(16, 0), [0], at(hdr(DISCARD, 0), 0x200, seg))
+    yield "write_zeroes", seed([0, 0, 0, 0], three(16, 0), [0],
+                               at(hdr(WRITE_ZEROES, 0), 0x200, seg))
+    yield "read_past_end", seed([0, 0, 0, 0], three(1024, WRITE), [0], hdr(IN, 63))
+
+
+def vsock_tx():
+    REQUEST, RESPONSE, RST, SHUTDOWN, RW, CREDIT_UPDATE, CREDIT_REQUEST = 1, 2, 3, 4, 5, 6, 7
+
+    def hdr(op, dst_port=1024, length=0, src_cid=3, dst_cid=2, flags=0):
+        return struct.pack("<QQIIIHHIII", src_cid, dst_cid, 50000, dst_port, length, 1, op,
+                           flags, 1 << 20, 0)
+
+    knobs = [4, 0x40, 0, 0]
+    p = at(b"", 0x000, hdr(REQUEST))
+    p = at(p, 0x040, hdr(RW, length=5))
+    p = at(p, 0x080, b"hello")
+    p = at(p, 0x0c0, hdr(CREDIT_REQUEST))
+    p = at(p, 0x100, hdr(SHUTDOWN, flags=3))
+    p = at(p, 0x140, hdr(RST))
+    descs = [(0x1000, 44, 0, 0), (0x1040, 44, NEXT, 2), (0x1080, 5, 0, 0),
+             (0x10c0, 44, 0, 0), (0x1100, 44, 0, 0), (0x1140, 44, 0, 0)]
+    yield "connect_rw_shutdown", seed(knobs, descs, [0, 1, 3, 4, 5], p)
+    # Header and payload in one descriptor.
+    p = at(at(b"", 0, hdr(REQUEST)), 0x40, hdr(RW, length=3) + b"abc")
+    yield "rw_one_desc", seed(knobs, [(0x1000, 44, 0, 0), (0x1040, 47, 0, 0)], [0, 1], p)
+    yield "no_listener", seed(knobs, [(0x1000, 44, 0, 0)], [0], hdr(REQUEST, dst_port=5000))
+    yield "wrong_cid", seed(knobs, [(0x1000, 44, 0, 0)], [0], hdr(REQUEST, src_cid=7))
+    yield "no_rx_buffers", seed([0, 0, 0, 0], [(0x1000, 44, 0, 0)], [0], hdr(REQUEST))
+    yield "split_header", seed(knobs, [(0x1000, 20, NEXT, 1), (0x1014, 24, 0, 0)], [0],
+                               hdr(CREDIT_UPDATE))
+    yield "response_unknown", seed(knobs, [(0x1000, 44, 0, 0)], [0], hdr(RESPONSE))
+
+
+for target in (chain_reader, net_tx, blk_request, vsock_tx):
+    d = os.path.join(HERE, "corpus", target.__name__)
+    os.makedirs(d, exist_ok=True)
+    for name, data in target():
+        with open(os.path.join(d, name), "wb") as f:
+            f.write(data)
