@@ -86,6 +86,22 @@ impl Artifacts {
     }
 }
 
+/// What every VM test starts with: the artifacts, and a usable /dev/kvm. Panics (fails the test) with
+/// the reason otherwise: a VM test never passes or skips without KVM.
+pub fn vm_test_setup() -> Artifacts {
+    let a = Artifacts::locate().unwrap_or_else(|e| panic!("{e}"));
+    require_kvm().unwrap_or_else(|e| panic!("{e}"));
+    a
+}
+
+/// The `RESULT ...` lines the device test image (tests/images/guest-e2e.sh) printed, without the prefix.
+pub fn result_lines(lines: &[String]) -> Vec<String> {
+    lines
+        .iter()
+        .filter_map(|l| l.split_once("RESULT ").map(|(_, r)| r.trim().to_string()))
+        .collect()
+}
+
 /// Fails unless /dev/kvm can be opened read-write (a VM test must never pass silently without it).
 pub fn require_kvm() -> Result<(), HarnessError> {
     std::fs::OpenOptions::new()
@@ -111,6 +127,17 @@ pub struct VmOptions {
 }
 
 impl VmOptions {
+    /// The device test image running `scenario` (its init arguments), console piped.
+    pub fn scenario(a: &Artifacts, scenario: &str, extra_args: Vec<String>) -> Self {
+        VmOptions {
+            initrd: a.e2e_initrd.clone(),
+            console_to_pipe: true,
+            extra_cmdline: Some(format!("-- {scenario}")),
+            extra_args,
+            ..VmOptions::agent(a)
+        }
+    }
+
     pub fn agent(a: &Artifacts) -> Self {
         VmOptions {
             vcpus: 1,
@@ -227,23 +254,9 @@ impl VmProcess {
         needle: &str,
         timeout: Duration,
     ) -> Result<(Instant, String), HarnessError> {
-        let rx = self
-            .console_lines
-            .as_ref()
-            .ok_or_else(|| HarnessError::Timeout("console is not piped".into()))?;
-        let deadline = Instant::now() + timeout;
-        loop {
-            let left = deadline.saturating_duration_since(Instant::now());
-            match rx.recv_timeout(left) {
-                Ok((t, line)) if line.contains(needle) => return Ok((t, line)),
-                Ok(_) => {}
-                Err(_) => {
-                    return Err(HarnessError::Timeout(format!(
-                        "no console line containing {needle:?} within {timeout:?}"
-                    )))
-                }
-            }
-        }
+        let mut last = None;
+        self.read_console(needle, timeout, |t, line| last = Some((t, line)))?;
+        last.ok_or_else(|| HarnessError::Timeout("no console line".into()))
     }
 
     /// Collects console lines up to and including the first one containing `needle`.
@@ -252,25 +265,38 @@ impl VmProcess {
         needle: &str,
         timeout: Duration,
     ) -> Result<Vec<String>, HarnessError> {
+        let mut lines = Vec::new();
+        self.read_console(needle, timeout, |_, line| lines.push(line))?;
+        Ok(lines)
+    }
+
+    /// Hands every console line to `each`, up to and including the first containing `needle`.
+    fn read_console(
+        &mut self,
+        needle: &str,
+        timeout: Duration,
+        mut each: impl FnMut(Instant, String),
+    ) -> Result<(), HarnessError> {
         let rx = self
             .console_lines
             .as_ref()
             .ok_or_else(|| HarnessError::Timeout("console is not piped".into()))?;
         let deadline = Instant::now() + timeout;
-        let mut lines = Vec::new();
+        let mut seen = Vec::new();
         loop {
             match rx.recv_timeout(deadline.saturating_duration_since(Instant::now())) {
-                Ok((_, line)) => {
+                Ok((t, line)) => {
                     let done = line.contains(needle);
-                    lines.push(line);
+                    seen.push(line.clone());
+                    each(t, line);
                     if done {
-                        return Ok(lines);
+                        return Ok(());
                     }
                 }
                 Err(_) => {
                     return Err(HarnessError::Timeout(format!(
                         "no console line containing {needle:?} within {timeout:?}; got:\n{}",
-                        lines.join("\n")
+                        seen.join("\n")
                     )))
                 }
             }

@@ -5,13 +5,7 @@
 use std::process::Command;
 use std::time::Duration;
 
-use husk_tests::{processes_mentioning, require_kvm, Artifacts, VmOptions, VmProcess};
-
-fn setup() -> Artifacts {
-    let a = Artifacts::locate().unwrap_or_else(|e| panic!("{e}"));
-    require_kvm().unwrap_or_else(|e| panic!("{e}"));
-    a
-}
+use husk_tests::{processes_mentioning, vm_test_setup, VmOptions, VmProcess};
 
 fn runtime() -> tokio::runtime::Runtime {
     tokio::runtime::Builder::new_current_thread()
@@ -22,7 +16,7 @@ fn runtime() -> tokio::runtime::Runtime {
 
 #[test]
 fn agent_answers_over_vsock_and_guest_shuts_down_cleanly() {
-    let a = setup();
+    let a = vm_test_setup();
     let opts = VmOptions {
         vcpus: 2,
         mem_mib: 256,
@@ -68,7 +62,7 @@ fn agent_answers_over_vsock_and_guest_shuts_down_cleanly() {
 
 #[test]
 fn sigterm_stops_the_vm_and_removes_its_socket() {
-    let a = setup();
+    let a = vm_test_setup();
     let mut vm = VmProcess::spawn(&a, &VmOptions::agent(&a)).unwrap();
     let rt = runtime();
     rt.block_on(vm.connect_agent(Duration::from_secs(90)))
@@ -82,7 +76,7 @@ fn sigterm_stops_the_vm_and_removes_its_socket() {
 
 #[test]
 fn several_vcpus_boot_to_init_and_reboot_ends_the_vmm() {
-    let a = setup();
+    let a = vm_test_setup();
     let opts = VmOptions {
         vcpus: 4,
         initrd: a.marker_initrd.clone(),
@@ -100,7 +94,7 @@ fn several_vcpus_boot_to_init_and_reboot_ends_the_vmm() {
 
 #[test]
 fn bad_arguments_give_one_clear_line_and_status_2() {
-    let a = setup();
+    let a = vm_test_setup();
     let run = |args: &[&str]| {
         let out = Command::new(&a.vmm).args(args).output().unwrap();
         let err = String::from_utf8_lossy(&out.stderr).to_string();

@@ -3,15 +3,14 @@
 
 use std::time::{Duration, Instant};
 
-use husk_tests::{require_kvm, Artifacts, VmOptions, VmProcess};
+use husk_tests::{vm_test_setup, VmOptions, VmProcess};
 
 fn boot() -> (
     VmProcess,
     husk_proto::client::AgentClient,
     tokio::runtime::Runtime,
 ) {
-    let a = Artifacts::locate().unwrap_or_else(|e| panic!("{e}"));
-    require_kvm().unwrap_or_else(|e| panic!("{e}"));
+    let a = vm_test_setup();
     let opts = VmOptions {
         vcpus: 2,
         control_socket: true,

@@ -6,33 +6,17 @@ use std::os::unix::fs::FileExt;
 use std::process::Command;
 use std::time::Duration;
 
-use husk_tests::{require_kvm, Artifacts, VmOptions, VmProcess};
-
-fn setup() -> Artifacts {
-    let a = Artifacts::locate().unwrap_or_else(|e| panic!("{e}"));
-    require_kvm().unwrap_or_else(|e| panic!("{e}"));
-    a
-}
+use husk_tests::{result_lines, vm_test_setup, Artifacts, VmOptions, VmProcess};
 
 /// Boots the device test image with `scenario` and returns its RESULT lines.
 fn run_scenario(a: &Artifacts, scenario: &str, extra_args: Vec<String>) -> Vec<String> {
-    let opts = VmOptions {
-        initrd: a.e2e_initrd.clone(),
-        console_to_pipe: true,
-        extra_cmdline: Some(format!("-- {scenario}")),
-        extra_args,
-        ..VmOptions::agent(a)
-    };
-    let mut vm = VmProcess::spawn(a, &opts).unwrap();
+    let mut vm = VmProcess::spawn(a, &VmOptions::scenario(a, scenario, extra_args)).unwrap();
     let lines = vm
         .console_until("HUSK-E2E-DONE", Duration::from_secs(120))
         .unwrap_or_else(|e| panic!("{e}\nstderr: {}", vm.stderr()));
     let status = vm.wait_exit(Duration::from_secs(30)).unwrap();
     assert_eq!(status.code(), Some(0), "stderr: {}", vm.stderr());
-    lines
-        .into_iter()
-        .filter_map(|l| l.split_once("RESULT ").map(|(_, r)| r.trim().to_string()))
-        .collect()
+    result_lines(&lines)
 }
 
 fn sh(cmd: &str) {
@@ -42,7 +26,7 @@ fn sh(cmd: &str) {
 
 #[test]
 fn guest_reads_and_writes_disks_and_read_only_is_enforced() {
-    let a = setup();
+    let a = vm_test_setup();
     let dir = tempfile::tempdir().unwrap();
     let (rw, ro) = (dir.path().join("rw.img"), dir.path().join("ro.img"));
     let rw_file = std::fs::File::create(&rw).unwrap();
@@ -105,7 +89,7 @@ impl Drop for NetCleanup {
 
 #[test]
 fn guest_pings_the_host_over_a_tap() {
-    let a = setup();
+    let a = vm_test_setup();
     let _c = NetCleanup("ip link del hkt0 2>/dev/null");
     sh("ip tuntap add dev hkt0 mode tap && ip addr add 10.77.0.1/24 dev hkt0 && ip link set hkt0 up");
     let results = run_scenario(
@@ -122,7 +106,7 @@ fn guest_pings_the_host_over_a_tap() {
 
 #[test]
 fn tap_inside_a_pod_network_namespace() {
-    let a = setup();
+    let a = vm_test_setup();
     let _c = NetCleanup("ip netns del husk-e2e-pod 2>/dev/null");
     sh("ip netns add husk-e2e-pod && ip netns exec husk-e2e-pod sh -c \
         'ip link set lo up && ip tuntap add dev hkt1 mode tap && ip addr add 10.78.0.1/24 dev hkt1 && ip link set hkt1 up'");

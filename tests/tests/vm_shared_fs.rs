@@ -9,11 +9,10 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use husk_tests::{project_root, require_kvm, Artifacts, VmOptions, VmProcess};
+use husk_tests::{project_root, result_lines, vm_test_setup, Artifacts, VmOptions, VmProcess};
 
 fn setup() -> (Artifacts, PathBuf) {
-    let a = Artifacts::locate().unwrap_or_else(|e| panic!("{e}"));
-    require_kvm().unwrap_or_else(|e| panic!("{e}"));
+    let a = vm_test_setup();
     let vfsd = project_root().join("build/testhost/virtiofsd");
     assert!(
         vfsd.is_file(),
@@ -85,21 +84,7 @@ impl Drop for Daemon {
 }
 
 fn spawn_vm(a: &Artifacts, scenario: &str, extra_args: Vec<String>) -> VmProcess {
-    let opts = VmOptions {
-        initrd: a.e2e_initrd.clone(),
-        console_to_pipe: true,
-        extra_cmdline: Some(format!("-- {scenario}")),
-        extra_args,
-        ..VmOptions::agent(a)
-    };
-    VmProcess::spawn(a, &opts).unwrap()
-}
-
-fn results(lines: &[String]) -> Vec<String> {
-    lines
-        .iter()
-        .filter_map(|l| l.split_once("RESULT ").map(|(_, r)| r.trim().to_string()))
-        .collect()
+    VmProcess::spawn(a, &VmOptions::scenario(a, scenario, extra_args)).unwrap()
 }
 
 #[test]
@@ -165,7 +150,7 @@ fn guest_uses_a_shared_directory_and_cannot_escape_it() {
         !all.contains(&secret),
         "the guest read a host file outside the share:\n{all}"
     );
-    let r = results(&lines);
+    let r = result_lines(&lines);
     for e in [
         "fs mounted",
         "before written-before-boot",
@@ -232,7 +217,7 @@ fn vmm_survives_the_daemon_dying() {
         .console_until("HUSK-E2E-DONE", Duration::from_secs(60))
         .unwrap_or_else(|e| panic!("{e}\nstderr: {}", vm.stderr()));
     assert!(
-        results(&rest).iter().any(|r| r == "still running"),
+        result_lines(&rest).iter().any(|r| r == "still running"),
         "{rest:?}"
     );
     let status = vm.wait_exit(Duration::from_secs(30)).unwrap();
