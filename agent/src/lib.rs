@@ -12,3 +12,4 @@ pub mod reaper;
 pub mod server;
 pub mod service;
 pub mod shutdown;
+pub mod storage;

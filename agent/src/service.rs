@@ -14,6 +14,7 @@ use tonic::{Request, Response, Status};
 use crate::container::{self, CreateParams, Engine, EngineError, ExecParams};
 use crate::guest_info;
 use crate::shutdown::Shutdown;
+use crate::storage::Storage;
 
 /// Chunks buffered between a process's pipe and its gRPC output stream.
 const STDIO_DEPTH: usize = 4;
@@ -40,13 +41,27 @@ pub const AGENT_VERSION: &str = env!("CARGO_PKG_VERSION");
 pub struct Agent {
     shutdown: Arc<Shutdown>,
     engine: Arc<Engine>,
+    storage: Arc<Storage>,
 }
 
 impl Agent {
     /// A service that fires `shutdown` on the `Shutdown` RPC and runs
     /// containers with `engine`.
     pub fn new(shutdown: Arc<Shutdown>, engine: Arc<Engine>) -> Self {
-        Self { shutdown, engine }
+        Self::with_storage(shutdown, engine, Arc::new(Storage::default()))
+    }
+
+    /// As [`Agent::new`], with a given storage table (tests).
+    pub fn with_storage(
+        shutdown: Arc<Shutdown>,
+        engine: Arc<Engine>,
+        storage: Arc<Storage>,
+    ) -> Self {
+        Self {
+            shutdown,
+            engine,
+            storage,
+        }
     }
 
     fn output(
@@ -383,6 +398,37 @@ impl AgentService for Agent {
         }))
     }
 
+    async fn update_container(
+        &self,
+        req: Request<UpdateContainerRequest>,
+    ) -> Result<Response<UpdateContainerResponse>, Status> {
+        let r = req.into_inner();
+        let engine = Arc::clone(&self.engine);
+        blocking(move || engine.update(&r.container_id, &r.resources_json)).await?;
+        Ok(Response::new(UpdateContainerResponse {}))
+    }
+
+    async fn mount_storage(
+        &self,
+        req: Request<MountStorageRequest>,
+    ) -> Result<Response<MountStorageResponse>, Status> {
+        let r = req.into_inner();
+        let storage = Arc::clone(&self.storage);
+        blocking(move || storage.mount(&r.fstype, &r.source, &r.target, &r.options, r.readonly))
+            .await?;
+        Ok(Response::new(MountStorageResponse {}))
+    }
+
+    async fn unmount_storage(
+        &self,
+        req: Request<UnmountStorageRequest>,
+    ) -> Result<Response<UnmountStorageResponse>, Status> {
+        let r = req.into_inner();
+        let storage = Arc::clone(&self.storage);
+        blocking(move || storage.unmount(&r.target)).await?;
+        Ok(Response::new(UnmountStorageResponse {}))
+    }
+
     type OomEventsStream = BoxStream<OomEventsResponse>;
 
     async fn oom_events(
@@ -443,5 +489,86 @@ mod tests {
             .into_inner();
         assert!(gi.kernel_release.len() <= 256 && !gi.kernel_release.is_empty());
         assert!(gi.online_cpus >= 1);
+    }
+
+    #[tokio::test]
+    async fn storage_and_update_refuse_bad_requests() {
+        let reaper = Reaper::new();
+        let engine = Engine::new(container::EngineConfig::default(), Arc::clone(&reaper));
+        let agent = Agent::new(Shutdown::new(Mode::ExitProcess, reaper), engine);
+        let mount = |fstype: &str, target: &str, options: &[&str]| MountStorageRequest {
+            fstype: fstype.into(),
+            source: "share".into(),
+            target: target.into(),
+            options: options.iter().map(|s| s.to_string()).collect(),
+            readonly: false,
+        };
+        let e = agent
+            .mount_storage(Request::new(mount(
+                "virtiofs",
+                "/run/husk/s",
+                &["nodev", "bogus"],
+            )))
+            .await
+            .unwrap_err();
+        assert_eq!(e.code(), tonic::Code::InvalidArgument);
+        assert!(
+            e.message().contains("options[1]") && e.message().contains("bogus"),
+            "{e}"
+        );
+        let e = agent
+            .mount_storage(Request::new(mount("virtiofs", "/run/husk/../etc", &[])))
+            .await
+            .unwrap_err();
+        assert_eq!(e.code(), tonic::Code::InvalidArgument);
+        assert!(e.message().starts_with("target:"), "{e}");
+        let e = agent
+            .mount_storage(Request::new(mount("nfs", "/run/husk/s", &[])))
+            .await
+            .unwrap_err();
+        assert!(e.message().starts_with("fstype:"), "{e}");
+        let e = agent
+            .unmount_storage(Request::new(UnmountStorageRequest {
+                target: "/run/husk/never".into(),
+            }))
+            .await
+            .unwrap_err();
+        assert_eq!(e.code(), tonic::Code::NotFound);
+        let e = agent
+            .unmount_storage(Request::new(UnmountStorageRequest { target: "/".into() }))
+            .await
+            .unwrap_err();
+        assert_eq!(e.code(), tonic::Code::InvalidArgument);
+        let update = |id: &str, json: &[u8]| UpdateContainerRequest {
+            container_id: id.into(),
+            resources_json: json.to_vec(),
+        };
+        let e = agent
+            .update_container(Request::new(update("c1", b"{not json")))
+            .await
+            .unwrap_err();
+        assert_eq!(e.code(), tonic::Code::InvalidArgument);
+        assert!(e.message().starts_with("resources_json:"), "{e}");
+        let e = agent
+            .update_container(Request::new(update(
+                "c1",
+                br#"{"memory":{"limit":1000,"swap":10}}"#,
+            )))
+            .await
+            .unwrap_err();
+        assert!(
+            e.message().starts_with("resources_json.memory.swap:"),
+            "{e}"
+        );
+        let e = agent
+            .update_container(Request::new(update("c1", br#"{"pids":{"limit":5}}"#)))
+            .await
+            .unwrap_err();
+        assert_eq!(e.code(), tonic::Code::NotFound);
+        let e = agent
+            .update_container(Request::new(update("../x", b"{}")))
+            .await
+            .unwrap_err();
+        assert!(e.message().starts_with("container_id:"), "{e}");
     }
 }

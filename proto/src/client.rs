@@ -37,11 +37,12 @@ use tonic::transport::{Channel, Endpoint, Uri};
 use crate::v1::agent_service_client::AgentServiceClient;
 use crate::v1::{
     CloseStdinRequest, CreateContainerRequest, ExecProcessRequest, GuestInfoRequest,
-    ListProcessesRequest, OomEventsRequest, OomEventsResponse, PauseContainerRequest, PingRequest,
-    ReadStderrRequest, ReadStderrResponse, ReadStdoutRequest, ReadStdoutResponse,
-    RemoveContainerRequest, ResizePtyRequest, ResumeContainerRequest, ShutdownRequest,
-    SignalProcessRequest, StartContainerRequest, StatsContainerRequest, StatsContainerResponse,
-    WaitProcessRequest, WriteStdinRequest,
+    ListProcessesRequest, MountStorageRequest, OomEventsRequest, OomEventsResponse,
+    PauseContainerRequest, PingRequest, ReadStderrRequest, ReadStderrResponse, ReadStdoutRequest,
+    ReadStdoutResponse, RemoveContainerRequest, ResizePtyRequest, ResumeContainerRequest,
+    ShutdownRequest, SignalProcessRequest, StartContainerRequest, StatsContainerRequest,
+    StatsContainerResponse, UnmountStorageRequest, UpdateContainerRequest, WaitProcessRequest,
+    WriteStdinRequest,
 };
 use crate::{is_valid_id, API_VERSION, MAX_MESSAGE_SIZE, MAX_STDIN_CHUNK, MAX_STDIO_CHUNK};
 
@@ -354,6 +355,22 @@ pub struct CreateContainer {
     pub terminal: bool,
 }
 
+/// Parameters of [`AgentClient::mount_storage`]; see `MountStorageRequest`
+/// in agent.proto and [`crate::storage::validate_mount`] for what is valid.
+#[derive(Debug, Clone, Default)]
+pub struct MountStorage {
+    /// "virtiofs", "tmpfs", "ext4", "erofs", "xfs" or "bind".
+    pub fstype: String,
+    /// Tag, `/dev/vdX`, `serial:ID` or guest path (by `fstype`).
+    pub source: String,
+    /// Absolute path below `/run/husk/`.
+    pub target: String,
+    /// Mount options (`ro`, `nosuid`, `size=64m`, ...).
+    pub options: Vec<String>,
+    /// Mount read-only.
+    pub readonly: bool,
+}
+
 enum OutputInner {
     Stdout(tonic::Streaming<ReadStdoutResponse>),
     Stderr(tonic::Streaming<ReadStderrResponse>),
@@ -460,6 +477,22 @@ fn check_id(
             id.chars().take(80).collect::<String>()
         ),
     })
+}
+
+/// A storage validation error as an `InvalidRequest`. The field is one of a
+/// fixed set (`options[3]` becomes `options`, the index stays in the reason).
+fn storage_request_error(method: &'static str, e: crate::storage::StorageError) -> ClientError {
+    let field = match e.field.as_str() {
+        "fstype" => "fstype",
+        "source" => "source",
+        "target" => "target",
+        _ => "options",
+    };
+    ClientError::InvalidRequest {
+        method,
+        field,
+        reason: e.to_string(),
+    }
 }
 
 /// Client of the agent's `AgentService` over a hybrid vsock Unix socket.
@@ -1119,6 +1152,74 @@ impl AgentClient {
         })
     }
 
+    /// `UpdateContainer`: applies an OCI `linux.resources` object (JSON,
+    /// at most [`crate::MAX_SPEC_SIZE`] bytes) to the container's cgroup.
+    pub async fn update_container(
+        &self,
+        container_id: &str,
+        resources_json: Vec<u8>,
+    ) -> Result<(), ClientError> {
+        const M: &str = "UpdateContainer";
+        check_id(M, "container_id", container_id, false)?;
+        if resources_json.len() > crate::MAX_SPEC_SIZE {
+            return Err(ClientError::InvalidRequest {
+                method: M,
+                field: "resources_json",
+                reason: format!(
+                    "{} bytes, limit {}",
+                    resources_json.len(),
+                    crate::MAX_SPEC_SIZE
+                ),
+            });
+        }
+        let mut c = self.inner.clone();
+        let req = UpdateContainerRequest {
+            container_id: container_id.to_string(),
+            resources_json,
+        };
+        self.call(M, async move { c.update_container(req).await })
+            .await
+            .map(|_| ())
+    }
+
+    /// `MountStorage`: mounts a file system below `/run/husk/` in the guest.
+    /// The request is validated here first (same rules as the agent's).
+    pub async fn mount_storage(&self, req: MountStorage) -> Result<(), ClientError> {
+        const M: &str = "MountStorage";
+        crate::storage::validate_mount(
+            &req.fstype,
+            &req.source,
+            &req.target,
+            &req.options,
+            req.readonly,
+        )
+        .map_err(|e| storage_request_error(M, e))?;
+        let mut c = self.inner.clone();
+        let req = MountStorageRequest {
+            fstype: req.fstype,
+            source: req.source,
+            target: req.target,
+            options: req.options,
+            readonly: req.readonly,
+        };
+        self.call(M, async move { c.mount_storage(req).await })
+            .await
+            .map(|_| ())
+    }
+
+    /// `UnmountStorage`: undoes a [`AgentClient::mount_storage`].
+    pub async fn unmount_storage(&self, target: &str) -> Result<(), ClientError> {
+        const M: &str = "UnmountStorage";
+        crate::storage::validate_target(target).map_err(|e| storage_request_error(M, e))?;
+        let mut c = self.inner.clone();
+        let req = UnmountStorageRequest {
+            target: target.to_string(),
+        };
+        self.call(M, async move { c.unmount_storage(req).await })
+            .await
+            .map(|_| ())
+    }
+
     async fn call_within<T, F>(
         &self,
         method: &'static str,
@@ -1469,6 +1570,8 @@ mod e2e_tests {
         exited_at: u64,
         chunks: Vec<Vec<u8>>,
         list: ListProcessesResponse,
+        /// MountStorage / UnmountStorage / UpdateContainer calls received.
+        storage_calls: Arc<AtomicUsize>,
     }
 
     impl Default for TestAgent {
@@ -1503,6 +1606,7 @@ mod e2e_tests {
                     }],
                     pids: vec![42],
                 },
+                storage_calls: Arc::default(),
             }
         }
     }
@@ -1659,6 +1763,37 @@ mod e2e_tests {
                 }),
                 ..Default::default()
             }))
+        }
+        async fn update_container(
+            &self,
+            r: Request<UpdateContainerRequest>,
+        ) -> Result<Response<UpdateContainerResponse>, Status> {
+            self.storage_calls.fetch_add(1, Ordering::SeqCst);
+            if r.into_inner().container_id != "c1" {
+                return Err(Status::not_found("no such container"));
+            }
+            Ok(Response::new(UpdateContainerResponse {}))
+        }
+        async fn mount_storage(
+            &self,
+            r: Request<MountStorageRequest>,
+        ) -> Result<Response<MountStorageResponse>, Status> {
+            self.storage_calls.fetch_add(1, Ordering::SeqCst);
+            let r = r.into_inner();
+            if r.fstype != "virtiofs" || r.options != ["nodev"] || !r.readonly {
+                return Err(Status::internal("request not forwarded as given"));
+            }
+            Ok(Response::new(MountStorageResponse {}))
+        }
+        async fn unmount_storage(
+            &self,
+            r: Request<UnmountStorageRequest>,
+        ) -> Result<Response<UnmountStorageResponse>, Status> {
+            self.storage_calls.fetch_add(1, Ordering::SeqCst);
+            if r.into_inner().target != "/run/husk/shared" {
+                return Err(Status::not_found("not mounted by MountStorage"));
+            }
+            Ok(Response::new(UnmountStorageResponse {}))
         }
         type OomEventsStream =
             Pin<Box<dyn tokio_stream::Stream<Item = Result<OomEventsResponse, Status>> + Send>>;
@@ -2010,6 +2145,95 @@ mod e2e_tests {
             ..TestAgent::default()
         };
         check(a, "data: 32769 bytes").await;
+    }
+
+    #[tokio::test]
+    async fn storage_and_update_calls_are_validated_before_sending() {
+        let agent = TestAgent::default();
+        let calls = Arc::clone(&agent.storage_calls);
+        let (_dir, proxy) = setup(agent).await;
+        let c = AgentClient::connect_hybrid(proxy.path(), 1024, fast_opts())
+            .await
+            .unwrap();
+        let good = MountStorage {
+            fstype: "virtiofs".into(),
+            source: "pod-share".into(),
+            target: "/run/husk/shared".into(),
+            options: vec!["nodev".into()],
+            readonly: true,
+        };
+        c.mount_storage(good.clone()).await.unwrap();
+        c.unmount_storage("/run/husk/shared").await.unwrap();
+        c.update_container("c1", br#"{"pids":{"limit":10}}"#.to_vec())
+            .await
+            .unwrap();
+        assert_eq!(calls.load(Ordering::SeqCst), 3);
+        // Refused locally, never sent.
+        let field_of = |e: ClientError| match e {
+            ClientError::InvalidRequest { field, reason, .. } => (field, reason),
+            e => panic!("not an InvalidRequest: {e}"),
+        };
+        let bad = |f: fn(&mut MountStorage)| {
+            let mut m = good.clone();
+            f(&mut m);
+            m
+        };
+        let (f, why) = field_of(
+            c.mount_storage(bad(|m| m.options.push("suid".into())))
+                .await
+                .unwrap_err(),
+        );
+        assert_eq!(f, "options");
+        assert!(
+            why.contains("options[1]") && why.contains("\"suid\""),
+            "{why}"
+        );
+        let (f, _) = field_of(
+            c.mount_storage(bad(|m| m.target = "/run/husk/../etc".into()))
+                .await
+                .unwrap_err(),
+        );
+        assert_eq!(f, "target");
+        let (f, _) = field_of(
+            c.mount_storage(bad(|m| m.fstype = "nfs".into()))
+                .await
+                .unwrap_err(),
+        );
+        assert_eq!(f, "fstype");
+        let (f, _) = field_of(
+            c.mount_storage(bad(|m| {
+                m.fstype = "ext4".into();
+                m.source = "/dev/sda".into();
+            }))
+            .await
+            .unwrap_err(),
+        );
+        assert_eq!(f, "source");
+        let (f, _) = field_of(c.unmount_storage("/etc").await.unwrap_err());
+        assert_eq!(f, "target");
+        let (f, _) = field_of(
+            c.update_container("c1", vec![b' '; crate::MAX_SPEC_SIZE + 1])
+                .await
+                .unwrap_err(),
+        );
+        assert_eq!(f, "resources_json");
+        let (f, _) = field_of(c.update_container("../c1", Vec::new()).await.unwrap_err());
+        assert_eq!(f, "container_id");
+        assert_eq!(calls.load(Ordering::SeqCst), 3);
+        // The agent's errors come back as RPC errors with their code.
+        let e = c.unmount_storage("/run/husk/other").await.unwrap_err();
+        assert!(
+            matches!(
+                e,
+                ClientError::Rpc {
+                    code: tonic::Code::NotFound,
+                    ..
+                }
+            ),
+            "{e}"
+        );
+        let e = c.update_container("c2", b"{}".to_vec()).await.unwrap_err();
+        assert!(e.to_string().contains("NotFound"), "{e}");
     }
 
     #[tokio::test]

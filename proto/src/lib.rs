@@ -25,6 +25,8 @@ pub mod v1 {
 #[cfg(feature = "client")]
 pub mod client;
 
+pub mod storage;
+
 #[cfg(feature = "test-util")]
 pub mod testing;
 
