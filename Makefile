@@ -19,7 +19,7 @@ APT_PACKAGES := linux-source-6.1 flex bison bc libelf-dev libssl-dev cpio xz-uti
 VIRTIOFSD_VERSION := 1.14.0
 VIRTIOFSD := $(HUSK_CACHE)/virtiofsd-$(VIRTIOFSD_VERSION)/bin/virtiofsd
 
-.PHONY: all deps build agent guest testhost virtiofsd lint unit e2e test bench demo fuzz clean
+.PHONY: all deps build agent guest testhost virtiofsd images lint unit e2e test bench demo fuzz clean
 
 all: build
 
@@ -62,6 +62,14 @@ testhost: build virtiofsd
 	$(ROOTFS_BUILDER) initrd --init build/testhost/marker-init --out build/testhost/marker-initrd.img
 	$(ROOTFS_BUILDER) initrd --init tests/images/guest-e2e.sh --add /bin/busybox:bin/busybox \
 		--out build/testhost/e2e-initrd.img
+
+# Offline OCI images for the containerd tests and the demo (`ctr images import`): busybox-static from
+# the host (make deps) with its applets as hard links, users root and user (1000), reproducible.
+# Rebuilt every time like the initrds above: it takes well under a second, and the bytes only change
+# when busybox does.
+images: build
+	$(ROOTFS_BUILDER) oci-image --busybox /bin/busybox --name docker.io/library/busybox:latest --cmd sh \
+		--out build/images/busybox-oci.tar
 
 lint:
 	$(CARGO) fmt --all --check

@@ -29,6 +29,21 @@ enum Cmd {
         #[arg(long)]
         out: PathBuf,
     },
+    /// A busybox OCI image layout archive (uncompressed layer) for `ctr images import`, reproducible.
+    OciImage {
+        /// A static busybox: /bin/busybox, every applet (`busybox --list`) a hard link to it.
+        #[arg(long)]
+        busybox: PathBuf,
+        /// Image name as containerd will list it.
+        #[arg(long, default_value = "docker.io/library/busybox:latest")]
+        name: String,
+        /// Output file, e.g. build/images/busybox-oci.tar.
+        #[arg(long)]
+        out: PathBuf,
+        /// The image's default command (config.Cmd), split on spaces.
+        #[arg(long, default_value = "sh")]
+        cmd: String,
+    },
 }
 
 fn main() -> anyhow::Result<()> {
@@ -44,6 +59,31 @@ fn main() -> anyhow::Result<()> {
                 out.display(),
                 size / 1024,
                 init.display()
+            );
+        }
+        Cmd::OciImage {
+            busybox,
+            name,
+            out,
+            cmd,
+        } => {
+            if let Some(dir) = out.parent() {
+                std::fs::create_dir_all(dir)
+                    .with_context(|| format!("creating {}", dir.display()))?;
+            }
+            let opts = husk_rootfs_builder::oci::ImageOptions {
+                busybox,
+                name: name.clone(),
+                cmd: cmd.split_whitespace().map(String::from).collect(),
+                applets: None,
+            };
+            let s = husk_rootfs_builder::oci::build_oci_image(&opts, &out)?;
+            println!(
+                "oci image {} ({} KiB, {name}, {} applets, manifest {})",
+                out.display(),
+                s.archive_bytes / 1024,
+                s.applets,
+                s.manifest_digest
             );
         }
     }
