@@ -11,6 +11,8 @@ use std::time::{Duration, Instant};
 use husk_proto::client::{AgentClient, ClientOptions};
 use husk_proto::AGENT_VSOCK_PORT;
 
+pub mod containerd;
+
 #[derive(Debug, thiserror::Error)]
 pub enum HarnessError {
     #[error("{what} {path} is missing: {hint}")]
