@@ -27,6 +27,12 @@ pub type GuestMemory = vm_memory::GuestMemoryMmap<()>;
 /// Feature bit: the device follows virtio 1.x (mandatory for the modern MMIO transport).
 pub const VIRTIO_F_VERSION_1: u32 = 32;
 
+/// Feature bit: `used_event` / `avail_event` (virtio 1.2, 2.7.10). The driver tells the device after
+/// which used entry it wants an interrupt, the device tells the driver after which available entry it
+/// wants a notification. Every notification and interrupt is a VM exit, so the devices that process
+/// queues themselves (block, net) offer it to batch both.
+pub const VIRTIO_RING_F_EVENT_IDX: u32 = 29;
+
 /// Interrupt status bit: a used ring was updated.
 pub const VIRTIO_MMIO_INT_VRING: u32 = 0x1;
 /// Interrupt status bit: the configuration space changed.

@@ -30,7 +30,7 @@ use vmm_sys_util::eventfd::EventFd;
 use super::chain;
 use super::{
     check_activation, read_config_bytes, ActivateError, GuestMemory, IrqTrigger, VirtioDevice,
-    VIRTIO_F_VERSION_1, VIRTIO_MMIO_INT_VRING,
+    VIRTIO_F_VERSION_1, VIRTIO_MMIO_INT_VRING, VIRTIO_RING_F_EVENT_IDX,
 };
 use request::{Disk, Kind, Malformed, RequestChain};
 pub use request::{ID_LEN, MAX_DATA_LEN, SECTOR_SIZE};
@@ -43,6 +43,9 @@ pub const QUEUE_SIZE: u16 = 256;
 pub const SEG_MAX: u32 = QUEUE_SIZE as u32 - 2;
 /// Longest chain we accept: header + `SEG_MAX` data descriptors + status.
 const MAX_CHAIN_DESCS: usize = SEG_MAX as usize + 2;
+/// Requests executed per wakeup before the event loop serves the other devices: a guest that keeps
+/// the ring full cannot monopolize the loop. The rest is picked up after a self-notification.
+const REQUESTS_PER_WAKEUP: usize = QUEUE_SIZE as usize;
 const QUEUE_SIZES: [u16; 1] = [QUEUE_SIZE];
 /// Bytes of `struct virtio_blk_config` we expose: capacity, size_max, seg_max, geometry,
 /// blk_size.
@@ -168,6 +171,7 @@ impl Block {
             source,
         })?;
         let mut avail_features = (1u64 << VIRTIO_F_VERSION_1)
+            | (1 << VIRTIO_RING_F_EVENT_IDX)
             | (1 << VIRTIO_BLK_F_FLUSH)
             | (1 << VIRTIO_BLK_F_SEG_MAX)
             | (1 << VIRTIO_BLK_F_BLK_SIZE);
@@ -223,19 +227,60 @@ impl Block {
         self.stats
     }
 
-    /// Executes every available request, then interrupts the guest once.
+    /// Executes every available request, then interrupts the guest once (if it asked for it).
+    ///
+    /// While the ring is drained, driver notifications are suppressed (with EVENT_IDX the
+    /// `avail_event` stays behind, otherwise `VRING_USED_F_NO_NOTIFY` is set): requests the guest
+    /// queues meanwhile are picked up by the re-check below instead of each costing a VM exit.
     pub fn process_queue(&mut self) {
         let Some(a) = self.active.as_mut() else {
             return;
         };
         let mut used = false;
-        while let Some(chain) = a.queue.pop_descriptor_chain(&a.mem) {
-            let head = chain.head_index();
-            let len = handle_chain(&self.disk, &mut self.stats, &a.mem, chain);
-            if let Err(e) = a.queue.add_used(&a.mem, head, len) {
-                warn!(head, "virtio-blk: cannot add used descriptor: {e}");
+        let mut budget = REQUESTS_PER_WAKEUP;
+        loop {
+            // Errors here mean the ring's memory is invalid: the chains themselves will fail to
+            // parse, and notifications merely stay as they are.
+            if let Err(e) = a.queue.disable_notification(&a.mem) {
+                debug!("virtio-blk: cannot suppress notifications: {e}");
             }
-            used = true;
+            let pass_start = a.queue.next_avail();
+            while budget > 0 {
+                let Some(chain) = a.queue.pop_descriptor_chain(&a.mem) else {
+                    break;
+                };
+                budget -= 1;
+                let head = chain.head_index();
+                let len = handle_chain(&self.disk, &mut self.stats, &a.mem, chain);
+                if let Err(e) = a.queue.add_used(&a.mem, head, len) {
+                    warn!(head, "virtio-blk: cannot add used descriptor: {e}");
+                }
+                used = true;
+            }
+            if budget == 0 {
+                // Come back after the other devices had their turn; notifications stay off
+                // until then, so the self-notification is what wakes us.
+                if let Err(e) = a.evt.write(1) {
+                    warn!("virtio-blk: cannot reschedule the queue: {e}");
+                }
+                break;
+            }
+            // Re-enable, then look once more: a request queued between the last pop and the
+            // re-enable would otherwise wait for a notification that never comes. "More" after
+            // a pass that popped nothing is a broken ring (an available index beyond the queue
+            // size makes every pop fail), not a race: stop rather than spin on it.
+            match a.queue.enable_notification(&a.mem) {
+                Ok(true) if a.queue.next_avail() != pass_start => continue,
+                Ok(true) => {
+                    debug!("virtio-blk: available ring index is invalid; waiting for a reset");
+                    break;
+                }
+                Ok(false) => break,
+                Err(e) => {
+                    debug!("virtio-blk: cannot re-enable notifications: {e}");
+                    break;
+                }
+            }
         }
         if used && a.queue.needs_notification(&a.mem).unwrap_or(true) {
             if let Err(e) = a.irq.trigger(VIRTIO_MMIO_INT_VRING) {
@@ -386,12 +431,13 @@ impl VirtioDevice for Block {
         interrupt: IrqTrigger,
     ) -> Result<(), ActivateError> {
         check_activation(self.active.is_some(), 1, &queues, &queue_evts)?;
-        let (Some(queue), Some(evt)) = (queues.pop(), queue_evts.pop()) else {
+        let (Some(mut queue), Some(evt)) = (queues.pop(), queue_evts.pop()) else {
             return Err(ActivateError::QueueCount {
                 expected: 1,
                 got: 0,
             });
         };
+        queue.set_event_idx(self.acked_features & (1 << VIRTIO_RING_F_EVENT_IDX) != 0);
         self.ctl_evt.write(1).map_err(ActivateError::EventFd)?;
         self.active = Some(Active {
             mem,

@@ -9,7 +9,11 @@
 //!   frames; without it a frame must fit one buffer or is dropped. When buffers run out we keep
 //!   the frame we hold, stop polling the tap for input (the tap queues, then drops, further
 //!   frames) and resume on the next rx queue notification.
-//! * The guest is interrupted at most once per batch and queue.
+//! * The guest is interrupted at most once per batch and queue, and only when it asked for it
+//!   (EVENT_IDX's `used_event`).
+//! * Notifications (each one a VM exit) are suppressed where we do not need them: on tx while
+//!   we drain the ring, on rx whenever we are not waiting for buffers (we take rx buffers from
+//!   the ring as frames arrive; only a stalled rx needs to hear about new ones).
 //!
 //! Threading and event registration follow the vsock device: the transport calls
 //! [`VirtioDevice`] methods from vCPU threads, the event loop calls [`MutEventSubscriber`]
@@ -40,7 +44,7 @@ use vmm_sys_util::eventfd::EventFd;
 use super::chain::{self, ChainError, GuestBufs};
 use super::{
     check_activation, read_config_bytes, ActivateError, GuestMemory, IrqTrigger, VirtioDevice,
-    VIRTIO_F_VERSION_1, VIRTIO_MMIO_INT_VRING,
+    VIRTIO_F_VERSION_1, VIRTIO_MMIO_INT_VRING, VIRTIO_RING_F_EVENT_IDX,
 };
 pub use tap::{Tap, TapError, VNET_HDR_LEN};
 
@@ -55,6 +59,9 @@ pub const MAX_CHAIN_DESCS: usize = 64;
 /// Frames read from the tap per wakeup before yielding to the other devices (epoll is
 /// level-triggered, so we are called again if more are queued).
 const RX_BATCH: usize = 256;
+/// Frames sent per wakeup before yielding to the other devices; the rest is picked up after a
+/// self-notification of the tx queue.
+const TX_BATCH: usize = 256;
 const RXQ: usize = 0;
 const TXQ: usize = 1;
 const NUM_QUEUES: usize = 2;
@@ -186,6 +193,7 @@ impl Net {
         config[6..8].copy_from_slice(&(VIRTIO_NET_S_LINK_UP as u16).to_le_bytes());
         let avail_features = [
             VIRTIO_F_VERSION_1,
+            VIRTIO_RING_F_EVENT_IDX,
             VIRTIO_NET_F_CSUM,
             VIRTIO_NET_F_GUEST_CSUM,
             VIRTIO_NET_F_MAC,
@@ -273,35 +281,71 @@ impl Net {
         };
         let mut used = false;
         let mut problems = Vec::new();
+        let mut budget = TX_BATCH;
         self.tx.blocked = false;
-        while let Some(chain) = a.queues[TXQ].pop_descriptor_chain(&a.mem) {
-            let head = chain.head_index();
-            match send_frame(&self.tap, &mut self.tx.buf, acked, &a.mem, chain) {
-                Ok(n) => {
-                    self.stats.tx_frames += 1;
-                    self.stats.tx_bytes += n as u64;
+        'drain: loop {
+            // No notifications while we drain: frames queued meanwhile are found by the
+            // re-check below. Errors mean invalid ring memory; the chains then fail to parse.
+            if let Err(e) = a.queues[TXQ].disable_notification(&a.mem) {
+                debug!("virtio-net: cannot suppress tx notifications: {e}");
+            }
+            let pass_start = a.queues[TXQ].next_avail();
+            while budget > 0 {
+                let Some(chain) = a.queues[TXQ].pop_descriptor_chain(&a.mem) else {
+                    break;
+                };
+                budget -= 1;
+                let head = chain.head_index();
+                match send_frame(&self.tap, &mut self.tx.buf, acked, &a.mem, chain) {
+                    Ok(n) => {
+                        self.stats.tx_frames += 1;
+                        self.stats.tx_bytes += n as u64;
+                    }
+                    Err(TxError::WouldBlock) => {
+                        // Keep the chain for when the tap is writable again; notifications
+                        // stay off until then (the tap's writability wakes us).
+                        a.queues[TXQ].go_to_previous_position();
+                        self.tx.blocked = true;
+                        break 'drain;
+                    }
+                    Err(e) => {
+                        if matches!(e, TxError::Chain(_) | TxError::Writable | TxError::Short(_)) {
+                            self.stats.tx_malformed += 1;
+                        } else {
+                            self.stats.tx_dropped += 1;
+                        }
+                        if problems.len() < 4 {
+                            problems.push(e);
+                        }
+                    }
                 }
-                Err(TxError::WouldBlock) => {
-                    // Keep the chain for when the tap is writable again.
-                    a.queues[TXQ].go_to_previous_position();
-                    self.tx.blocked = true;
+                if let Err(e) = a.queues[TXQ].add_used(&a.mem, head, 0) {
+                    warn!(head, "virtio-net: cannot add used tx descriptor: {e}");
+                }
+                used = true;
+            }
+            if budget == 0 {
+                // Let the other devices run; the self-notification brings us back.
+                if let Err(e) = a.evts[TXQ].write(1) {
+                    warn!("virtio-net: cannot reschedule tx: {e}");
+                }
+                break;
+            }
+            // Re-enable, then look once more: a frame queued between the last pop and the
+            // re-enable would otherwise wait for a notification that never comes. "More" after
+            // a pass that popped nothing is a broken ring, not a race: stop rather than spin.
+            match a.queues[TXQ].enable_notification(&a.mem) {
+                Ok(true) if a.queues[TXQ].next_avail() != pass_start => continue,
+                Ok(true) => {
+                    debug!("virtio-net: tx available ring index is invalid; waiting for a reset");
                     break;
                 }
+                Ok(false) => break,
                 Err(e) => {
-                    if matches!(e, TxError::Chain(_) | TxError::Writable | TxError::Short(_)) {
-                        self.stats.tx_malformed += 1;
-                    } else {
-                        self.stats.tx_dropped += 1;
-                    }
-                    if problems.len() < 4 {
-                        problems.push(e);
-                    }
+                    debug!("virtio-net: cannot re-enable tx notifications: {e}");
+                    break;
                 }
             }
-            if let Err(e) = a.queues[TXQ].add_used(&a.mem, head, 0) {
-                warn!(head, "virtio-net: cannot add used tx descriptor: {e}");
-            }
-            used = true;
         }
         if used {
             notify(a, TXQ);
@@ -323,6 +367,8 @@ impl Net {
         let rx = &mut self.rx;
         let mut used = false;
         let mut budget = RX_BATCH;
+        // Where the rx ring stood when we last re-enabled notifications (see rx_out_of_buffers).
+        let mut rearmed_at = None;
         let mut problems: Vec<String> = Vec::new();
         loop {
             if rx.pending == 0 {
@@ -333,6 +379,9 @@ impl Net {
                 if rx.reserved.is_empty()
                     && !reserve_one(rx, a, &mut self.stats, &mut used, &mut problems)
                 {
+                    if rx_out_of_buffers(a, &mut rearmed_at) {
+                        continue;
+                    }
                     rx.stalled = true;
                     break;
                 }
@@ -366,6 +415,9 @@ impl Net {
             ) {
                 Delivery::Done => {}
                 Delivery::NeedBuffers => {
+                    if rx_out_of_buffers(a, &mut rearmed_at) {
+                        continue;
+                    }
                     rx.stalled = true;
                     break;
                 }
@@ -382,6 +434,13 @@ impl Net {
     /// The guest posted rx buffers: leave backpressure and deliver.
     pub fn rx_queue_notified(&mut self) {
         self.rx.stalled = false;
+        // Until we run out again we take buffers from the ring as frames arrive: the driver
+        // need not tell us about each refill (each notification is a VM exit).
+        if let Some(a) = self.active.as_mut() {
+            if let Err(e) = a.queues[RXQ].disable_notification(&a.mem) {
+                debug!("virtio-net: cannot suppress rx notifications: {e}");
+            }
+        }
         self.process_rx();
     }
 
@@ -750,8 +809,33 @@ fn deliver(
     Delivery::Done
 }
 
+/// The rx ring is empty: asks the driver to notify us when it adds buffers, then looks once more
+/// (buffers added just before the re-enable would not be notified). `true`: there are buffers
+/// now, go on. If the ring still claims buffers although nothing could be popped since the last
+/// re-enable, its available index is broken (beyond the queue size): a real race always lets
+/// the next pop succeed, so we stop there instead of spinning on a hostile ring.
+fn rx_out_of_buffers(a: &mut Active, rearmed_at: &mut Option<u16>) -> bool {
+    let now = a.queues[RXQ].next_avail();
+    match a.queues[RXQ].enable_notification(&a.mem) {
+        Ok(true) if *rearmed_at != Some(now) => {
+            *rearmed_at = Some(now);
+            true
+        }
+        Ok(true) => {
+            debug!("virtio-net: rx available ring index is invalid; waiting for a reset");
+            false
+        }
+        Ok(false) => false,
+        Err(e) => {
+            debug!("virtio-net: cannot re-enable rx notifications: {e}");
+            false
+        }
+    }
+}
+
 fn notify(a: &mut Active, q: usize) {
-    // Without EVENT_IDX (not offered) this is true unless the driver suppressed interrupts.
+    // With EVENT_IDX: only if the driver's `used_event` was crossed; without it, unless the
+    // driver suppressed interrupts.
     if a.queues[q].needs_notification(&a.mem).unwrap_or(true) {
         if let Err(e) = a.irq.trigger(VIRTIO_MMIO_INT_VRING) {
             warn!(queue = q, "virtio-net: cannot signal used ring: {e}");
@@ -818,6 +902,11 @@ impl VirtioDevice for Net {
         interrupt: IrqTrigger,
     ) -> Result<(), ActivateError> {
         check_activation(self.active.is_some(), NUM_QUEUES, &queues, &queue_evts)?;
+        let mut queues = queues;
+        let event_idx = self.has(VIRTIO_RING_F_EVENT_IDX);
+        for q in &mut queues {
+            q.set_event_idx(event_idx);
+        }
         self.ctl_evt.write(1).map_err(ActivateError::EventFd)?;
         self.active = Some(Active {
             mem,
