@@ -98,7 +98,63 @@ def vsock_tx():
     yield "response_unknown", seed(knobs, [(0x1000, 44, 0, 0)], [0], hdr(RESPONSE))
 
 
-for target in (chain_reader, net_tx, blk_request, vsock_tx):
+def vhost_fs_replies():
+    """Reply streams of a vhost-user-fs daemon (see fuzz_targets/vhost_fs_replies.rs)."""
+    GET_FEATURES, SET_FEATURES, SET_MEM_TABLE = 1, 2, 5
+    SET_VRING_NUM, SET_VRING_ADDR, SET_VRING_BASE, GET_VRING_BASE = 8, 9, 10, 11
+    SET_VRING_KICK, SET_VRING_CALL, GET_PROTOCOL_FEATURES, GET_QUEUE_NUM = 12, 13, 15, 17
+    SET_VRING_ENABLE = 18
+    VERSION, REPLY = 0x1, 0x4
+    VERSION_1, EVENT_IDX, PROTOCOL_FEATURES = 1 << 32, 1 << 29, 1 << 30
+    MQ, REPLY_ACK = 0x1, 0x8
+
+    def reply(code, body, flags=VERSION | REPLY, size=None):
+        return struct.pack("<III", code, flags, len(body) if size is None else size) + body
+
+    u64 = lambda v: struct.pack("<Q", v)
+    ack = lambda code: reply(code, u64(0))
+    head = lambda guest, ready=0b11: struct.pack("<QB", guest, ready)
+    guest = VERSION_1 | EVENT_IDX
+
+    def activation(acks):
+        out = ack(SET_FEATURES) + ack(SET_MEM_TABLE) if acks else b""
+        for _ in range(2):
+            for code in (SET_VRING_NUM, SET_VRING_ADDR, SET_VRING_BASE, SET_VRING_CALL,
+                         SET_VRING_KICK, SET_VRING_ENABLE):
+                out += ack(code) if acks else b""
+        return out
+
+    def reset():
+        return b"".join(reply(GET_VRING_BASE, struct.pack("<II", i, 0)) for i in range(2))
+
+    nego = (reply(GET_FEATURES, u64(VERSION_1 | EVENT_IDX | PROTOCOL_FEATURES))
+            + reply(GET_PROTOCOL_FEATURES, u64(MQ | REPLY_ACK))
+            + reply(GET_QUEUE_NUM, u64(2)))
+    # What virtiofsd answers, start to end.
+    yield "virtiofsd_session", head(guest) + nego + activation(True) + reset()
+    # No protocol features: no acks, no queue count; only GET_* requests are answered.
+    yield "no_protocol_features", head(guest) + reply(GET_FEATURES, u64(VERSION_1)) + reset()
+    # Only one of the two queues made ready by the driver.
+    one = ack(SET_FEATURES) + ack(SET_MEM_TABLE) + b"".join(
+        ack(c) for c in (SET_VRING_NUM, SET_VRING_ADDR, SET_VRING_BASE, SET_VRING_CALL,
+                         SET_VRING_KICK, SET_VRING_ENABLE))
+    yield "one_queue_ready", head(guest, 0b01) + nego + one + reset()
+    yield "too_few_queues", head(guest) + nego[:-20] + reply(GET_QUEUE_NUM, u64(1))
+    yield "no_version_1", head(guest) + reply(GET_FEATURES, u64(PROTOCOL_FEATURES))
+    # Failure acks (non-zero) during activation.
+    yield "nack_mem_table", head(guest) + nego + ack(SET_FEATURES) + reply(SET_MEM_TABLE, u64(1))
+    # A reply for the wrong request, a reply without the REPLY flag, an oversized body.
+    yield "wrong_code", head(guest) + reply(GET_PROTOCOL_FEATURES, u64(VERSION_1))
+    yield "no_reply_flag", head(guest) + reply(GET_FEATURES, u64(VERSION_1), flags=VERSION)
+    yield "huge_size", head(guest) + reply(GET_FEATURES, u64(VERSION_1), size=0xffffffff)
+    # The daemon hangs up in the middle of activation.
+    yield "hangs_up", head(guest) + nego + ack(SET_FEATURES) + ack(SET_MEM_TABLE)[:7]
+    # GET_VRING_BASE answered for the wrong ring and with a short body.
+    yield "bad_vring_base", head(guest) + nego + activation(True) + reply(
+        GET_VRING_BASE, struct.pack("<II", 7, 0xffff)) + reply(GET_VRING_BASE, b"\x01\x00")
+
+
+for target in (chain_reader, net_tx, blk_request, vsock_tx, vhost_fs_replies):
     d = os.path.join(HERE, "corpus", target.__name__)
     os.makedirs(d, exist_ok=True)
     for name, data in target():

@@ -387,6 +387,44 @@ impl Fs {
     }
 }
 
+/// Entry point for the fuzz target in `fuzz/` (no stable API): one whole session of the frontend
+/// against whatever the peer of `stream` answers, as a hostile or broken daemon would.
+#[doc(hidden)]
+pub mod fuzzing {
+    use super::*;
+
+    /// Negotiates (as [`Fs::new`] after connecting), then, if that worked, acks
+    /// `guest_features`, activates with `queues` (as on `DRIVER_OK`) and resets (as on the
+    /// driver's reset or VM teardown). `mem` must be fd-backed like guest RAM with a share.
+    /// Returns the first error as text; must never panic whatever the peer sends.
+    pub fn session(
+        stream: UnixStream,
+        mem: &GuestMemory,
+        queues: Vec<Queue>,
+        guest_features: u64,
+    ) -> Result<(), String> {
+        let cfg = FsConfig {
+            socket: PathBuf::from("fuzz.sock"),
+            tag: "fuzz".into(),
+        };
+        let tag = validate_tag(&cfg.tag).map_err(|e| e.to_string())?;
+        let mut fs = Fs::from_stream(cfg, tag, stream).map_err(|e| e.to_string())?;
+        fs.ack_features(guest_features);
+        let evts = (0..queues.len())
+            .map(|_| EventFd::new(libc::EFD_NONBLOCK))
+            .collect::<io::Result<Vec<_>>>()
+            .map_err(|e| e.to_string())?;
+        let irq = IrqTrigger::new().map_err(|e| e.to_string())?;
+        let activated = fs.activate(mem.clone(), queues, evts, irq);
+        fs.reset();
+        activated.map_err(|e| e.to_string())?;
+        if fs.needs_reset() {
+            return Err("daemon marked dead".into());
+        }
+        Ok(())
+    }
+}
+
 impl VirtioDevice for Fs {
     fn device_type(&self) -> u32 {
         FS_DEVICE_ID
