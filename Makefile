@@ -19,7 +19,7 @@ APT_PACKAGES := linux-source-6.1 flex bison bc libelf-dev libssl-dev cpio xz-uti
 VIRTIOFSD_VERSION := 1.14.0
 VIRTIOFSD := $(HUSK_CACHE)/virtiofsd-$(VIRTIOFSD_VERSION)/bin/virtiofsd
 
-.PHONY: all deps build agent guest testhost virtiofsd images lint unit e2e test bench demo fuzz clean
+.PHONY: all deps build agent guest testhost virtiofsd images lint unit e2e test bench bench-image demo fuzz clean
 
 all: build
 
@@ -92,7 +92,24 @@ e2e: guest testhost
 test: deps lint unit e2e
 	@echo "make test: all checks passed"
 
-bench: guest testhost
+# The benchmark guest image (tests/images/bench-*): an initrd (busybox, bench-fsprobe) and a read-only
+# tools disk (fio, iperf3 and their libraries), assembled inside the test host from L1's Debian
+# packages; rebuilt only when one of their inputs changes.
+BENCH_INITRD := build/testhost/bench-initrd.img
+BENCH_TOOLS := build/testhost/bench-tools.erofs
+BENCH_FSPROBE := build/testhost/bench-fsprobe
+
+$(BENCH_FSPROBE): tests/images/bench-fsprobe.c
+	@mkdir -p $(@D)
+	gcc -static -O2 -Wall -o $@ $<
+
+$(BENCH_INITRD): tests/images/bench-initrd.sh tests/images/bench-guest.sh $(BENCH_FSPROBE) \
+		tests/testhost/packages $(ROOTFS_BUILDER)
+	$(TESTHOST) tests/images/bench-initrd.sh $(CURDIR)/$@ $(CURDIR)/$(BENCH_TOOLS) $(CURDIR)/$(BENCH_FSPROBE)
+
+bench-image: build testhost $(BENCH_INITRD)
+
+bench: guest testhost $(BENCH_INITRD)
 	$(TESTHOST) target/release/husk-bench --out target/bench/results.json
 
 demo: deps guest testhost

@@ -1,5 +1,10 @@
-//! `make bench`: boot and memory figures for husk-vmm next to QEMU `-M microvm` booting the same kernel,
-//! measured in the same run on the same host. Prints a table and writes a flat JSON object.
+//! `make bench`: husk-vmm next to QEMU `-M microvm` booting the same kernel, measured in the same run on
+//! the same host: boot time and memory, the guest image choice (initrd vs erofs/ext4 on virtio-blk),
+//! virtio-blk (fio), virtio-net (iperf3) and the shared fs against the host (tests/src/bench/). Prints
+//! tables and writes a flat JSON object (docs/benchmarks.md).
+//!
+//! Environment: `HUSK_BENCH_RUNS` (samples/rounds per figure, default 5), `HUSK_BENCH_SECS` (seconds per
+//! fio and iperf3 run, default 5), `HUSK_BENCH_ONLY` (comma list of `boot`, `image`, `devices`).
 //!
 //! Inside the nested test host every guest exit is emulated twice, so absolute times are far above real
 //! hardware: only the ratios between peers measured here are meaningful.
@@ -10,6 +15,9 @@ use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
+
+#[path = "../bench/mod.rs"]
+mod bench;
 use husk_tests::{
     in_nested_testhost, line_reader, median, require_kvm, wait_child, Artifacts, VmOptions,
     VmProcess,
@@ -95,48 +103,39 @@ fn qemu_boot_to_init(a: &Artifacts) -> anyhow::Result<f64> {
     Ok(ms(at - start))
 }
 
-fn sample(runs: usize, mut f: impl FnMut() -> anyhow::Result<f64>) -> anyhow::Result<Vec<f64>> {
-    (0..runs).map(|_| f()).collect()
+/// The host's (test host's) 1/5/15-minute load averages, to judge how noisy a run was.
+fn load_avg() -> String {
+    std::fs::read_to_string("/proc/loadavg")
+        .map(|l| l.split_whitespace().take(3).collect::<Vec<_>>().join(" "))
+        .unwrap_or_default()
 }
 
-fn main() -> anyhow::Result<()> {
-    let mut out = PathBuf::from("target/bench/results.json");
-    let mut args = std::env::args().skip(1);
-    while let Some(arg) = args.next() {
-        match arg.as_str() {
-            "--out" => out = args.next().context("--out needs a path")?.into(),
-            other => bail!("unknown argument {other}"),
-        }
-    }
-    let runs: usize = std::env::var("HUSK_BENCH_RUNS")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(5)
-        .max(1);
-    let a = Artifacts::locate()?;
-    require_kvm()?;
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()?;
-
+fn boot_section(
+    a: &Artifacts,
+    rt: &tokio::runtime::Runtime,
+    runs: usize,
+    results: &mut BTreeMap<&str, serde_json::Value>,
+) -> anyhow::Result<()> {
     // Warm the page cache so the first sample of each peer does not pay for reading the images.
-    husk_boot_to_init(&a)?;
-    qemu_boot_to_init(&a)?;
+    husk_boot_to_init(a)?;
+    qemu_boot_to_init(a)?;
 
     let mut agent_boot = Vec::new();
     let mut rss = Vec::new();
     for _ in 0..runs {
-        let (b, r) = husk_boot_to_agent(&a, &rt)?;
+        let (b, r) = husk_boot_to_agent(a, rt)?;
         agent_boot.push(b);
         rss.push(r);
     }
-    let husk_init = sample(runs, || husk_boot_to_init(&a))?;
-    let qemu_init = sample(runs, || qemu_boot_to_init(&a))?;
+    // Interleaved, so both peers see the same load.
+    let (mut husk_init, mut qemu_init) = (Vec::new(), Vec::new());
+    for _ in 0..runs {
+        husk_init.push(husk_boot_to_init(a)?);
+        qemu_init.push(qemu_boot_to_init(a)?);
+    }
 
-    let nested = in_nested_testhost();
     let (boot_agent, rss_kib) = (median(&agent_boot), median(&rss));
     let (husk_i, qemu_i) = (median(&husk_init), median(&qemu_init));
-    let mut results: BTreeMap<&str, serde_json::Value> = BTreeMap::new();
     results.insert("boot_to_agent_ms", boot_agent.round().into());
     results.insert("husk_boot_to_init_ms", husk_i.round().into());
     results.insert("qemu_microvm_boot_ms", qemu_i.round().into());
@@ -145,20 +144,7 @@ fn main() -> anyhow::Result<()> {
         ((qemu_i / husk_i * 100.0).round() / 100.0).into(),
     );
     results.insert("vmm_rss_kib", rss_kib.round().into());
-    results.insert("runs", runs.into());
-    results.insert(
-        "environment",
-        if nested { "nested-test-host" } else { "direct" }.into(),
-    );
 
-    println!(
-        "Husk benchmarks ({runs} runs each, medians){}",
-        if nested {
-            "; measured inside the nested test host (L1 under QEMU TCG): compare ratios, not absolute times"
-        } else {
-            ""
-        }
-    );
     println!("| metric                                  | husk-vmm | QEMU -M microvm | Firecracker (published, hw) |");
     println!("|-----------------------------------------|----------|-----------------|-----------------------------|");
     println!("| boot to guest init, ms (same kernel)    | {husk_i:>8.0} | {qemu_i:>15.0} | {FIRECRACKER_PUBLISHED_BOOT_MS:>27.0} |");
@@ -177,6 +163,67 @@ fn main() -> anyhow::Result<()> {
     println!(
         "samples: agent {agent_boot:.0?}, husk init {husk_init:.0?}, qemu init {qemu_init:.0?}"
     );
+    Ok(())
+}
+
+fn main() -> anyhow::Result<()> {
+    let mut out = PathBuf::from("target/bench/results.json");
+    let mut args = std::env::args().skip(1);
+    while let Some(arg) = args.next() {
+        match arg.as_str() {
+            "--out" => out = args.next().context("--out needs a path")?.into(),
+            other => bail!("unknown argument {other}"),
+        }
+    }
+    let runs: usize = std::env::var("HUSK_BENCH_RUNS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(5)
+        .max(1);
+    let secs: u32 = std::env::var("HUSK_BENCH_SECS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(5)
+        .max(1);
+    let only = std::env::var("HUSK_BENCH_ONLY").unwrap_or_default();
+    let want = |s: &str| only.is_empty() || only.split(',').any(|x| x.trim() == s);
+    let a = Artifacts::locate()?;
+    require_kvm()?;
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    let nested = in_nested_testhost();
+    let mut results: BTreeMap<&str, serde_json::Value> = BTreeMap::new();
+    results.insert("runs", runs.into());
+    results.insert(
+        "environment",
+        if nested { "nested-test-host" } else { "direct" }.into(),
+    );
+    results.insert("load_avg_at_start", load_avg().into());
+    println!(
+        "Husk benchmarks ({runs} runs each, medians){}; load average at start {}",
+        if nested {
+            "; measured inside the nested test host (L1 under QEMU TCG): compare ratios, not absolute times"
+        } else {
+            ""
+        },
+        load_avg()
+    );
+    if want("boot") {
+        boot_section(&a, &rt, runs, &mut results)?;
+    }
+    if want("image") {
+        let r = bench::image::run(&a, runs, &rt)?;
+        r.print();
+        r.insert(&mut results);
+    }
+    if want("devices") {
+        let r = bench::devices::run(&a, runs, secs)?;
+        r.print();
+        r.insert(&mut results);
+    }
+    results.insert("load_avg_at_end", load_avg().into());
+    println!("load average at end {}", load_avg());
 
     if let Some(dir) = out.parent() {
         std::fs::create_dir_all(dir)?;

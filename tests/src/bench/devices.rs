@@ -1,0 +1,477 @@
+//! Device benchmarks: fio on virtio-blk and iperf3 over a tap, husk-vmm against QEMU `-M microvm`
+//! booting the same kernel and the same benchmark image; the virtio-fs share against reading the same
+//! files directly on the host. Rounds interleave the peers (husk, QEMU, host; the next round QEMU
+//! first) so slow drifts of a shared machine hit both sides alike.
+//!
+//! Everything the devices read lives on the host's tmpfs (the test host's /tmp): the 256 MiB raw
+//! disk image and the shared directory. Both VMMs then serve the guest from the host page cache, so
+//! the numbers measure the VMM's device path rather than a host disk.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::Duration;
+
+use anyhow::{bail, Context};
+use husk_tests::{line_reader, median, wait_child, Artifacts, VmOptions, VmProcess};
+
+use super::util::{built, field, r2, summary, wait_for_path, workdir, write_pattern, Daemon, Tap};
+
+const TAP: &str = "hbench0";
+const HOST_IP: &str = "10.91.0.1";
+const GUEST_IP: &str = "10.91.0.2";
+const FS_TAG: &str = "benchfs";
+/// Guest RAM for both peers (fio and iperf3 with their libraries run from the tools disk).
+const GUEST_MIB: u64 = 512;
+const DATA_IMAGE_MIB: usize = 256;
+const SHARE_BIG_MIB: usize = 64;
+const SHARE_FILES: usize = 1000;
+/// Upper bound for one benchmark VM (boot, fio, iperf3, fs probe) in the nested test host.
+const VM_TIMEOUT: Duration = Duration::from_secs(900);
+
+/// One boot of the benchmark image.
+#[derive(Debug, Clone, Copy)]
+struct VmSample {
+    seq_mbps: f64,
+    seq_iops: f64,
+    rand_mbps: f64,
+    rand_iops: f64,
+    net_mbit: f64,
+    fs: Option<FsSample>,
+}
+
+#[derive(Debug, Clone, Copy)]
+struct FsSample {
+    read_mbps: f64,
+    /// Microseconds per lstat.
+    stat_us: f64,
+}
+
+pub struct Setup {
+    dir: tempfile::TempDir,
+    initrd: PathBuf,
+    tools: PathBuf,
+    fsprobe: PathBuf,
+    virtiofsd: PathBuf,
+    data: PathBuf,
+    share: PathBuf,
+    _tap: Tap,
+    secs: u32,
+}
+
+impl Setup {
+    pub fn new(secs: u32) -> anyhow::Result<Self> {
+        let hint = "run 'make bench-image'";
+        let initrd = built("build/testhost/bench-initrd.img", hint)?;
+        let tools = built("build/testhost/bench-tools.erofs", hint)?;
+        let fsprobe = built("build/testhost/bench-fsprobe", hint)?;
+        let virtiofsd = built("build/testhost/virtiofsd", "run 'make testhost'")?;
+        let dir = workdir("husk-bench-dev-")?;
+        let data = dir.path().join("data.img");
+        write_pattern(&data, DATA_IMAGE_MIB << 20, 0x9e37_79b9)?;
+        let share = dir.path().join("share");
+        std::fs::create_dir_all(share.join("many"))?;
+        write_pattern(&share.join("big"), SHARE_BIG_MIB << 20, 0x51_7cc1)?;
+        for i in 0..SHARE_FILES {
+            std::fs::write(share.join(format!("many/f{i:04}")), format!("file {i}\n"))?;
+        }
+        let tap = Tap::create(TAP, &format!("{HOST_IP}/24"))?;
+        Ok(Setup {
+            dir,
+            initrd,
+            tools,
+            fsprobe,
+            virtiofsd,
+            data,
+            share,
+            _tap: tap,
+            secs,
+        })
+    }
+
+    fn guest_vars(&self, fs: bool) -> String {
+        format!(
+            "bench_blk=1 bench_ip={GUEST_IP} bench_server={HOST_IP} bench_secs={}{}",
+            self.secs,
+            if fs {
+                format!(" bench_tag={FS_TAG}")
+            } else {
+                String::new()
+            }
+        )
+    }
+
+    fn iperf_server(&self, round: usize, peer: &str) -> anyhow::Result<(Daemon, PathBuf)> {
+        let out = self.dir.path().join(format!("iperf-{peer}-{round}.json"));
+        let d = Daemon::spawn(
+            "iperf3 server",
+            Command::new("iperf3")
+                .args(["-s", "-1", "-B", HOST_IP, "-J"])
+                .stdout(std::fs::File::create(&out)?)
+                .stderr(Stdio::null()),
+        )?;
+        Ok((d, out))
+    }
+
+    fn husk(&self, a: &Artifacts, round: usize) -> anyhow::Result<VmSample> {
+        let sock = self.dir.path().join(format!("fs-{round}.sock"));
+        let log = self.dir.path().join(format!("virtiofsd-{round}.log"));
+        // --cache auto: what a pod's share would use (the guest may cache, the host may change
+        // files under it within the attribute timeout).
+        let mut vfsd = Daemon::spawn(
+            "virtiofsd",
+            Command::new(&self.virtiofsd)
+                .arg("--socket-path")
+                .arg(&sock)
+                .arg("--shared-dir")
+                .arg(&self.share)
+                .args(["--cache", "auto", "--sandbox", "namespace"])
+                .stdout(Stdio::null())
+                .stderr(std::fs::File::create(&log)?),
+        )?;
+        wait_for_path(&sock, &mut vfsd.child, "virtiofsd")?;
+        let (mut iperf, iperf_out) = self.iperf_server(round, "husk")?;
+        let opts = VmOptions {
+            mem_mib: GUEST_MIB,
+            initrd: self.initrd.clone(),
+            extra_cmdline: Some(self.guest_vars(true)),
+            console_to_pipe: true,
+            extra_args: vec![
+                "--disk".into(),
+                format!("path={},ro,id=bench-data", self.data.display()),
+                "--disk".into(),
+                format!("path={},ro,id=bench-tools", self.tools.display()),
+                "--net".into(),
+                format!("tap={TAP}"),
+                "--fs".into(),
+                format!("socket={},tag={FS_TAG}", sock.display()),
+            ],
+            ..VmOptions::agent(a)
+        };
+        let mut vm = VmProcess::spawn(a, &opts)?;
+        let lines = vm.console_until("BENCH-DONE", VM_TIMEOUT);
+        let lines = match lines {
+            Ok(l) => l,
+            Err(e) => {
+                vm.kill();
+                bail!(
+                    "husk benchmark VM: {e}\nstderr: {}\nvirtiofsd: {}",
+                    vm.stderr(),
+                    std::fs::read_to_string(&log).unwrap_or_default()
+                );
+            }
+        };
+        let status = vm.wait_exit(Duration::from_secs(60))?;
+        if !status.success() {
+            bail!("husk-vmm exited with {status}: {}", vm.stderr());
+        }
+        iperf.wait(Duration::from_secs(30))?;
+        let _ = vfsd.wait(Duration::from_secs(10));
+        parse_vm(&lines, &iperf_out, true).context("husk benchmark VM")
+    }
+
+    fn qemu(&self, a: &Artifacts, round: usize) -> anyhow::Result<VmSample> {
+        let (mut iperf, iperf_out) = self.iperf_server(round, "qemu")?;
+        // The husk guest command line with QEMU's end of the VM: `-no-reboot` turns the guest's
+        // triple-fault reboot into QEMU's exit. acpi=off: the guest kernel has no ACPI, and QEMU
+        // then announces its virtio-mmio devices on the command line, as husk-vmm does.
+        // cache=writeback (QEMU's default) and husk-vmm's plain pread both read through the host
+        // page cache; QEMU does its I/O on its thread pool (aio=threads), husk-vmm on its event loop.
+        let cmdline = format!(
+            "{} {}",
+            husk_vmm::config::BASE_CMDLINE.replace("reboot=k", "reboot=t"),
+            self.guest_vars(false)
+        );
+        let mut child = Command::new("qemu-system-x86_64")
+            .args(["-M", "microvm,acpi=off", "-accel", "kvm", "-cpu", "host"])
+            .args(["-m", &GUEST_MIB.to_string(), "-smp", "1"])
+            .args(["-nodefaults", "-no-user-config", "-display", "none"])
+            .args(["-no-reboot", "-serial", "stdio"])
+            .arg("-kernel")
+            .arg(&a.kernel)
+            .arg("-initrd")
+            .arg(&self.initrd)
+            .arg("-append")
+            .arg(cmdline)
+            .arg("-drive")
+            .arg(format!(
+                "id=data,file={},format=raw,if=none,readonly=on",
+                self.data.display()
+            ))
+            .args(["-device", "virtio-blk-device,drive=data,serial=bench-data"])
+            .arg("-drive")
+            .arg(format!(
+                "id=tools,file={},format=raw,if=none,readonly=on",
+                self.tools.display()
+            ))
+            .args([
+                "-device",
+                "virtio-blk-device,drive=tools,serial=bench-tools",
+            ])
+            .args([
+                "-netdev",
+                &format!("tap,id=n0,ifname={TAP},script=no,downscript=no"),
+            ])
+            .args(["-device", "virtio-net-device,netdev=n0"])
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .context("starting qemu-system-x86_64")?;
+        let rx = line_reader(child.stdout.take().context("qemu stdout")?);
+        let mut lines = Vec::new();
+        let deadline = std::time::Instant::now() + VM_TIMEOUT;
+        loop {
+            match rx.recv_timeout(deadline.saturating_duration_since(std::time::Instant::now())) {
+                Ok((_, l)) => {
+                    let done = l.contains("BENCH-DONE");
+                    lines.push(l);
+                    if done {
+                        break;
+                    }
+                }
+                Err(_) => {
+                    let _ = child.kill();
+                    let _ = child.wait();
+                    let mut err = String::new();
+                    if let Some(mut e) = child.stderr.take() {
+                        use std::io::Read;
+                        let _ = e.read_to_string(&mut err);
+                    }
+                    bail!(
+                        "QEMU benchmark VM did not finish; console:\n{}\nstderr: {err}",
+                        lines.join("\n")
+                    );
+                }
+            }
+        }
+        wait_child(&mut child, Duration::from_secs(60), "qemu")?;
+        iperf.wait(Duration::from_secs(30))?;
+        parse_vm(&lines, &iperf_out, false).context("QEMU benchmark VM")
+    }
+
+    /// The shared directory read directly on the host, with the same probe binary as the guest.
+    fn host_fs(&self) -> anyhow::Result<FsSample> {
+        let probe = |mode: &str, path: &Path| -> anyhow::Result<String> {
+            let out = Command::new(&self.fsprobe).arg(mode).arg(path).output()?;
+            if !out.status.success() {
+                bail!(
+                    "bench-fsprobe {mode}: {}",
+                    String::from_utf8_lossy(&out.stderr)
+                );
+            }
+            Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+        };
+        let read = probe("read", &self.share.join("big"))?;
+        let stat = probe("stat", &self.share.join("many"))?;
+        fs_sample(&read, &stat)
+    }
+}
+
+fn fs_sample(read: &str, stat: &str) -> anyhow::Result<FsSample> {
+    let num = |line: &str, key: &str| -> anyhow::Result<f64> {
+        field(line, key)
+            .and_then(|v| v.parse::<f64>().ok())
+            .with_context(|| format!("no {key}= in {line:?}"))
+    };
+    let (bytes, read_ns) = (num(read, "bytes")?, num(read, "ns")?);
+    let (files, stat_ns) = (num(stat, "files")?, num(stat, "ns")?);
+    if bytes != (SHARE_BIG_MIB << 20) as f64 || files != SHARE_FILES as f64 {
+        bail!("the probe saw {bytes} bytes and {files} files: {read:?} {stat:?}");
+    }
+    Ok(FsSample {
+        read_mbps: bytes / read_ns * 1000.0,
+        stat_us: stat_ns / files / 1000.0,
+    })
+}
+
+/// fio's terse (v3) line: field 6 is the read bandwidth in KiB/s, field 7 the read IOPS.
+fn fio(line: &str) -> anyhow::Result<(f64, f64)> {
+    let f: Vec<&str> = line.split(';').collect();
+    if f.len() < 8 || !f[0].ends_with('3') || f[4] != "0" {
+        bail!("unexpected fio output: {line:?}");
+    }
+    let bw_kib: f64 = f[6].parse()?;
+    let iops: f64 = f[7].parse()?;
+    Ok((bw_kib * 1024.0 / 1e6, iops))
+}
+
+fn parse_vm(lines: &[String], iperf_json: &Path, with_fs: bool) -> anyhow::Result<VmSample> {
+    let get = |name: &str| -> anyhow::Result<&str> {
+        let tag = format!("BENCH {name} ");
+        lines
+            .iter()
+            .find_map(|l| l.split_once(&tag).map(|(_, r)| r))
+            .with_context(|| format!("no {name} result; console:\n{}", lines.join("\n")))
+    };
+    let (seq_mbps, seq_iops) = fio(get("blk_seqread")?)?;
+    let (rand_mbps, rand_iops) = fio(get("blk_randread")?)?;
+    let net = get("net_tcp")?;
+    if !net.starts_with("ok") {
+        bail!("iperf3 in the guest failed: {net}");
+    }
+    let json: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(iperf_json).context("reading the iperf3 server's report")?,
+    )
+    .context("parsing the iperf3 server's report")?;
+    let bps = json["end"]["sum_received"]["bits_per_second"]
+        .as_f64()
+        .context("iperf3 report without end.sum_received.bits_per_second")?;
+    let fs = if with_fs {
+        Some(fs_sample(get("fs_read")?, get("fs_stat")?)?)
+    } else {
+        None
+    };
+    Ok(VmSample {
+        seq_mbps,
+        seq_iops,
+        rand_mbps,
+        rand_iops,
+        net_mbit: bps / 1e6,
+        fs,
+    })
+}
+
+/// All rounds, and what the table and results.json get from them.
+pub struct DeviceResults {
+    husk: Vec<VmSample>,
+    qemu: Vec<VmSample>,
+    host: Vec<FsSample>,
+    secs: u32,
+}
+
+pub fn run(a: &Artifacts, runs: usize, secs: u32) -> anyhow::Result<DeviceResults> {
+    let setup = Setup::new(secs)?;
+    let (mut husk, mut qemu, mut host) = (Vec::new(), Vec::new(), Vec::new());
+    for round in 0..runs {
+        // Alternate which VMM goes first: a drift in the machine's load then favours neither.
+        if round % 2 == 0 {
+            husk.push(setup.husk(a, round)?);
+            qemu.push(setup.qemu(a, round)?);
+        } else {
+            qemu.push(setup.qemu(a, round)?);
+            husk.push(setup.husk(a, round)?);
+        }
+        host.push(setup.host_fs()?);
+        eprintln!(
+            "[bench] devices round {}/{runs}: husk {:?} qemu {:?} host fs {:?}",
+            round + 1,
+            husk.last(),
+            qemu.last(),
+            host.last()
+        );
+    }
+    Ok(DeviceResults {
+        husk,
+        qemu,
+        host,
+        secs,
+    })
+}
+
+impl DeviceResults {
+    fn col(v: &[VmSample], f: impl Fn(&VmSample) -> f64) -> Vec<f64> {
+        v.iter().map(f).collect()
+    }
+
+    fn guest_fs(&self) -> Vec<FsSample> {
+        self.husk.iter().filter_map(|s| s.fs).collect()
+    }
+
+    /// Keys for results.json: absolute medians of both peers and the ratios (husk ÷ peer, higher is
+    /// better for husk).
+    pub fn insert(&self, r: &mut std::collections::BTreeMap<&'static str, serde_json::Value>) {
+        let m = |v: Vec<f64>| median(&v);
+        let (h, q) = (&self.husk, &self.qemu);
+        let hs = m(Self::col(h, |s| s.seq_mbps));
+        let qs = m(Self::col(q, |s| s.seq_mbps));
+        let hr = m(Self::col(h, |s| s.rand_iops));
+        let qr = m(Self::col(q, |s| s.rand_iops));
+        let hn = m(Self::col(h, |s| s.net_mbit));
+        let qn = m(Self::col(q, |s| s.net_mbit));
+        let gfs = self.guest_fs();
+        let gread = median(&gfs.iter().map(|s| s.read_mbps).collect::<Vec<_>>());
+        let gstat = median(&gfs.iter().map(|s| s.stat_us).collect::<Vec<_>>());
+        let hread = median(&self.host.iter().map(|s| s.read_mbps).collect::<Vec<_>>());
+        let hstat = median(&self.host.iter().map(|s| s.stat_us).collect::<Vec<_>>());
+        for (k, v) in [
+            ("blk_seqread_husk_mbps", hs),
+            ("blk_seqread_qemu_mbps", qs),
+            ("blk_seqread_vs_qemu", hs / qs),
+            ("blk_randread_husk_iops", hr),
+            ("blk_randread_qemu_iops", qr),
+            ("blk_randread_vs_qemu", hr / qr),
+            ("net_tcp_husk_mbit", hn),
+            ("net_tcp_qemu_mbit", qn),
+            ("net_tcp_vs_qemu", hn / qn),
+            ("fs_seqread_guest_mbps", gread),
+            ("fs_seqread_host_mbps", hread),
+            ("fs_seqread_vs_host", gread / hread),
+            ("fs_stat_guest_us", gstat),
+            ("fs_stat_host_us", hstat),
+            ("fs_stat_vs_host", hstat / gstat),
+        ] {
+            r.insert(k, r2(v).into());
+        }
+        r.insert("device_runs", self.husk.len().into());
+        r.insert("device_run_secs", self.secs.into());
+    }
+
+    pub fn print(&self) {
+        let (h, q) = (&self.husk, &self.qemu);
+        let s = |v: &[VmSample], f: fn(&VmSample) -> f64, d| summary(&Self::col(v, f), d);
+        let ratio = |a: Vec<f64>, b: Vec<f64>| median(&a) / median(&b);
+        println!();
+        println!(
+            "Devices ({} rounds, peers interleaved; fio and iperf3 {} s each; medians (min–max)):",
+            h.len(),
+            self.secs
+        );
+        println!("| benchmark | husk-vmm | QEMU -M microvm | husk ÷ QEMU |");
+        println!("|---|---|---|---|");
+        println!(
+            "| virtio-blk seq read 1 MiB, QD4, MB/s | {} | {} | {:.2} |",
+            s(h, |x| x.seq_mbps, 1),
+            s(q, |x| x.seq_mbps, 1),
+            ratio(Self::col(h, |x| x.seq_mbps), Self::col(q, |x| x.seq_mbps))
+        );
+        println!(
+            "| virtio-blk seq read 1 MiB, QD4, IOPS | {} | {} | |",
+            s(h, |x| x.seq_iops, 0),
+            s(q, |x| x.seq_iops, 0)
+        );
+        println!(
+            "| virtio-blk rand read 4 KiB, QD16, IOPS | {} | {} | {:.2} |",
+            s(h, |x| x.rand_iops, 0),
+            s(q, |x| x.rand_iops, 0),
+            ratio(Self::col(h, |x| x.rand_iops), Self::col(q, |x| x.rand_iops))
+        );
+        println!(
+            "| virtio-blk rand read 4 KiB, QD16, MB/s | {} | {} | |",
+            s(h, |x| x.rand_mbps, 2),
+            s(q, |x| x.rand_mbps, 2)
+        );
+        println!(
+            "| virtio-net TCP guest→host (iperf3), Mbit/s | {} | {} | {:.2} |",
+            s(h, |x| x.net_mbit, 1),
+            s(q, |x| x.net_mbit, 1),
+            ratio(Self::col(h, |x| x.net_mbit), Self::col(q, |x| x.net_mbit))
+        );
+        let g = self.guest_fs();
+        let col = |v: &[FsSample], f: fn(&FsSample) -> f64| v.iter().map(f).collect::<Vec<_>>();
+        println!();
+        println!("| shared fs (virtio-fs, virtiofsd --cache auto, cold guest cache) | guest | host directly | guest ÷ host |");
+        println!("|---|---|---|---|");
+        println!(
+            "| sequential read of a {SHARE_BIG_MIB} MiB file, MB/s | {} | {} | {:.3} |",
+            summary(&col(&g, |x| x.read_mbps), 1),
+            summary(&col(&self.host, |x| x.read_mbps), 1),
+            median(&col(&g, |x| x.read_mbps)) / median(&col(&self.host, |x| x.read_mbps))
+        );
+        println!(
+            "| lstat of {SHARE_FILES} files, µs per file | {} | {} | {:.3} |",
+            summary(&col(&g, |x| x.stat_us), 1),
+            summary(&col(&self.host, |x| x.stat_us), 2),
+            median(&col(&self.host, |x| x.stat_us)) / median(&col(&g, |x| x.stat_us))
+        );
+    }
+}
