@@ -48,6 +48,7 @@ fn unique(name: &str) -> String {
     )
 }
 
+#[derive(Debug)]
 struct Outcome {
     status: u32,
     stdout: String,
@@ -509,4 +510,54 @@ fn invalid_specs_name_the_field() {
         matches!(e, EngineError::FailedPrecondition(_)),
         "no cgroup v2 here: {e}"
     );
+}
+
+#[test]
+fn user_namespace_maps_ids() {
+    let root = common::busybox_rootfs();
+    // The container's root is host uid/gid 100000: it may write only where
+    // that id may.
+    let work = root.path().join("work");
+    std::os::unix::fs::chown(&work, Some(100_000), Some(100_000)).unwrap();
+    let mut s = common::spec(
+        "id -u; id -g; cat /proc/self/uid_map /proc/self/gid_map; touch /work/mine; \
+         touch /bin/not-mine 2>&1; grep CapEff /proc/self/status; echo $(cat /proc/1/comm)",
+    );
+    s["linux"]["namespaces"]
+        .as_array_mut()
+        .unwrap()
+        .push(json!({"type": "user"}));
+    s["linux"]["uidMappings"] = json!([{"containerID": 0, "hostID": 100000, "size": 65536}]);
+    s["linux"]["gidMappings"] = json!([{"containerID": 0, "hostID": 100000, "size": 65536}]);
+    common::set_caps(&mut s, &["CAP_CHOWN", "CAP_NET_RAW"]);
+    let o = run(&s, root.path());
+    assert_eq!(o.status, 0, "stdout {:?} stderr {:?}", o.stdout, o.stderr);
+    let lines: Vec<&str> = o.stdout.lines().collect();
+    assert_eq!(lines[0..2], ["0", "0"], "{o:?}");
+    let maps: Vec<Vec<&str>> = lines[2..4]
+        .iter()
+        .map(|l| l.split_whitespace().collect())
+        .collect();
+    assert_eq!(maps, [["0", "100000", "65536"], ["0", "100000", "65536"]]);
+    assert!(lines[4].contains("Permission denied"), "{o:?}");
+    assert_eq!(lines[5], "CapEff:\t0000000000002001", "{o:?}");
+    assert_eq!(lines[6], "sh", "{o:?}");
+    use std::os::unix::fs::MetadataExt;
+    let md = std::fs::metadata(work.join("mine")).unwrap();
+    assert_eq!((md.uid(), md.gid()), (100_000, 100_000));
+
+    // Mappings without a new user namespace, and bad mappings, are refused.
+    let mut s = common::spec("true");
+    s["linux"]["uidMappings"] = json!([{"containerID": 0, "hostID": 100000, "size": 1}]);
+    let e = create_err(&s, root.path(), "userns1");
+    assert!(e.to_string().starts_with("linux.uidMappings:"), "{e}");
+    s["linux"]["namespaces"]
+        .as_array_mut()
+        .unwrap()
+        .push(json!({"type": "user"}));
+    let e = create_err(&s, root.path(), "userns2");
+    assert!(e.to_string().starts_with("linux.gidMappings:"), "{e}");
+    s["linux"]["gidMappings"] = json!([{"containerID": 0, "hostID": 4294967295u64, "size": 2}]);
+    let e = create_err(&s, root.path(), "userns3");
+    assert!(e.to_string().starts_with("linux.gidMappings[0]:"), "{e}");
 }

@@ -272,6 +272,7 @@ impl Engine {
             .as_ref()
             .ok_or_else(|| EngineError::invalid("process", "required"))?;
         let ns = namespaces::from_spec(linux.namespaces().as_deref().unwrap_or(&[]))?;
+        let id_maps = namespaces::id_maps(linux, &ns)?;
         let terminal = p.terminal || process.terminal().unwrap_or(false);
         let mut plan = spec::process_plan(process, &rootfs, terminal)?;
         let rplan = rootfs::plan(&spec, &rootfs)?;
@@ -299,7 +300,14 @@ impl Engine {
         plan.seccomp = seccomp.clone();
         let joins = namespaces::open_joins(&ns)?;
         plan.setns = joins.iter().map(|(f, t)| (f.as_raw_fd(), *t)).collect();
+        // setns(CLONE_NEWPID) only applies to the caller's children: to run
+        // inside a joined pid namespace (a pod's shared one), init is a
+        // second clone, as for exec.
+        plan.double_clone = ns.join.iter().any(|(_, t)| *t == libc::CLONE_NEWPID);
         plan.new_cgroup_ns = ns.new_cgroup;
+        plan.userns_root = id_maps.as_ref().is_some_and(|(u, g)| {
+            u.lines().any(|l| l.starts_with("0 ")) && g.lines().any(|l| l.starts_with("0 "))
+        });
 
         let files = match linux.resources() {
             Some(r) => cgroups::resource_files(r)?,
@@ -348,6 +356,9 @@ impl Engine {
             .cloned()
             .unwrap_or_default();
         let launched = process::launch(&mut plan, &self.reaper, ns.clone_flags, |pid| {
+            if let Some(maps) = &id_maps {
+                namespaces::write_id_maps(pid, maps)?;
+            }
             if let Some(cg) = &cgroup {
                 cg.add(pid)?;
             }

@@ -147,6 +147,10 @@ pub(crate) struct ChildPlan {
     /// Clone once more after setns (to enter a joined pid namespace).
     pub double_clone: bool,
     pub new_cgroup_ns: bool,
+    /// In a new user namespace whose maps include ids 0: become its root
+    /// once the maps are written, so that files the setup creates (mount
+    /// points, device nodes) get a mapped owner (else EOVERFLOW).
+    pub userns_root: bool,
     /// chroot into this directory fd (the root of a running container).
     pub join_root: Option<RawFd>,
     pub rootfs: Option<RootfsPlan>,
@@ -600,6 +604,10 @@ fn child_setup(p: &ChildPlan) -> Result<(), Fail> {
         }
         if read_byte(p.start_r) != Some(b'C') {
             libc::_exit(1);
+        }
+        if p.userns_root {
+            chk(libc::syscall(libc::SYS_setresgid, 0, 0, 0), Step::Setgid, 1)?;
+            chk(libc::syscall(libc::SYS_setresuid, 0, 0, 0), Step::Setuid, 1)?;
         }
         if p.new_cgroup_ns {
             chk(

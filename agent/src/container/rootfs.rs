@@ -84,6 +84,11 @@ pub(crate) struct MountOp {
     pub bind_remount: bool,
     /// MS_PRIVATE / MS_SLAVE / MS_SHARED / MS_UNBINDABLE (| MS_REC), or 0.
     pub propagation: libc::c_ulong,
+    /// Guest path to bind-mount (recursively, then remount with the flags)
+    /// if the kernel refuses the mount with EPERM: sysfs and cgroup2 in a
+    /// user namespace that does not own the network / cgroup namespace, as
+    /// runc does.
+    pub fallback_bind: Option<CString>,
 }
 
 /// A device node to create under the rootfs.
@@ -344,6 +349,11 @@ pub(crate) fn plan(
                 .transpose()?,
             bind_remount: bind && opts.flags & !(libc::MS_BIND | libc::MS_REC) != 0,
             propagation: opts.propagation,
+            fallback_bind: match (bind, fstype.as_str()) {
+                (false, "sysfs") => Some(c"/sys".to_owned()),
+                (false, "cgroup2") => Some(c"/sys/fs/cgroup".to_owned()),
+                _ => None,
+            },
         });
     }
     let dev_dir = rootfs.join("dev");
@@ -564,19 +574,46 @@ pub(crate) fn apply(p: &RootfsPlan) -> Result<(), Fail> {
             } else {
                 m.flags
             };
-            chk(
-                libc::mount(
-                    opt_ptr(&m.source),
-                    m.target.as_ptr(),
-                    opt_ptr(&m.fstype),
-                    first_flags,
-                    m.data
-                        .as_ref()
-                        .map_or(std::ptr::null(), |d| d.as_ptr().cast()),
-                ),
-                Step::Mount,
-                m.label,
-            )?;
+            let r = libc::mount(
+                opt_ptr(&m.source),
+                m.target.as_ptr(),
+                opt_ptr(&m.fstype),
+                first_flags,
+                m.data
+                    .as_ref()
+                    .map_or(std::ptr::null(), |d| d.as_ptr().cast()),
+            );
+            match &m.fallback_bind {
+                Some(host) if r != 0 && errno() == libc::EPERM => {
+                    chk(
+                        libc::mount(
+                            host.as_ptr(),
+                            m.target.as_ptr(),
+                            std::ptr::null(),
+                            libc::MS_BIND | libc::MS_REC,
+                            std::ptr::null(),
+                        ),
+                        Step::Mount,
+                        m.label,
+                    )?;
+                    let keep = libc::MS_RDONLY | libc::MS_NOSUID | libc::MS_NODEV | libc::MS_NOEXEC;
+                    chk(
+                        libc::mount(
+                            std::ptr::null(),
+                            m.target.as_ptr(),
+                            std::ptr::null(),
+                            (m.flags & keep)
+                                | libc::MS_REMOUNT
+                                | libc::MS_BIND
+                                | locked_flags(&m.target),
+                            std::ptr::null(),
+                        ),
+                        Step::Remount,
+                        m.label,
+                    )?;
+                }
+                _ => chk(r, Step::Mount, m.label)?,
+            }
             if m.bind_remount {
                 let flags = (m.flags & !libc::MS_REC)
                     | libc::MS_REMOUNT

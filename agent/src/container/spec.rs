@@ -43,16 +43,6 @@ pub fn parse_spec(json: &[u8]) -> Result<Spec, EngineError> {
             return Err(EngineError::invalid("hooks", "OCI hooks are not supported"));
         }
     }
-    if let Some(l) = spec.linux() {
-        if l.uid_mappings().as_ref().is_some_and(|m| !m.is_empty())
-            || l.gid_mappings().as_ref().is_some_and(|m| !m.is_empty())
-        {
-            return Err(EngineError::invalid(
-                "linux.uidMappings",
-                "user namespaces are not supported yet",
-            ));
-        }
-    }
     Ok(spec)
 }
 
