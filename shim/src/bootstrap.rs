@@ -160,7 +160,7 @@ pub fn delete(args: &ShimArgs, bundle: &Path) -> Vec<u8> {
                     "delete: the pod's shim still serves; leaving its state to it"
                 );
             } else if pod == args.id {
-                tracing::info!(pod, "cleaning up a dead shim's pod");
+                tracing::debug!(pod, "cleaning up a dead shim's pod");
                 leftovers::remove(&dir);
                 let _ = std::fs::remove_file(socket_path(&address));
             } else if let Err(e) = crate::host_mount::unmount_tree(&dir.container(&args.id)) {

@@ -30,7 +30,9 @@ fn main() -> anyhow::Result<()> {
             Ok(())
         }
         "delete" => {
+            // containerd logs this command's stderr as warnings: only real problems go there.
             tracing_subscriber::fmt()
+                .with_env_filter(tracing_subscriber::EnvFilter::new("warn"))
                 .with_writer(std::io::stderr)
                 .with_ansi(false)
                 .init();

@@ -23,6 +23,7 @@ use containerd_shim::protos::events::task::{
 };
 use containerd_shim::protos::protobuf::well_known_types::any::Any;
 use containerd_shim::protos::protobuf::{Message, MessageField};
+use containerd_shim::protos::shim::oci::ProcessDetails;
 use containerd_shim::protos::shim::shim::CheckpointTaskRequest;
 use containerd_shim::protos::shim_async::Task;
 use containerd_shim::protos::ttrpc::{self, r#async::TtrpcContext, Code};
@@ -43,6 +44,8 @@ use crate::sandbox::{Sandbox, SandboxDir};
 const OUTPUT_DRAIN: Duration = Duration::from_secs(2);
 /// Exit status reported for processes that were running when the VM died (as if SIGKILLed).
 const VM_GONE_EXIT: u32 = 128 + 9;
+/// containerd decodes `ProcessInfo.info` by this name (runc's shim uses the same message).
+const PROCESS_DETAILS_TYPE_URL: &str = "containerd.runc.v1.ProcessDetails";
 
 fn err(code: Code, msg: impl ToString) -> ttrpc::Error {
     ttrpc::Error::RpcStatus(ttrpc::get_status(code, msg))
@@ -714,15 +717,37 @@ impl Task for TaskService {
             .list_processes(&req.id)
             .await
             .map_err(agent_err)?;
+        // Like runc's shim: processes the runtime started carry their exec id (what `ctr tasks ps` shows).
+        let exec_ids: BTreeMap<u32, String> = procs
+            .processes
+            .iter()
+            .filter(|p| !p.exec_id.is_empty() && p.exit_status.is_none())
+            .map(|p| (p.pid, p.exec_id.clone()))
+            .collect();
+        let mut processes = Vec::with_capacity(procs.pids.len());
+        for pid in procs.pids {
+            let info = match exec_ids.get(&pid) {
+                Some(exec_id) => {
+                    let details = ProcessDetails {
+                        exec_id: exec_id.clone(),
+                        ..Default::default()
+                    };
+                    MessageField::some(Any {
+                        type_url: PROCESS_DETAILS_TYPE_URL.into(),
+                        value: details.write_to_bytes().map_err(|e| err(Code::INTERNAL, e))?,
+                        ..Default::default()
+                    })
+                }
+                None => MessageField::none(),
+            };
+            processes.push(ProcessInfo {
+                pid,
+                info,
+                ..Default::default()
+            });
+        }
         Ok(PidsResponse {
-            processes: procs
-                .pids
-                .into_iter()
-                .map(|pid| ProcessInfo {
-                    pid,
-                    ..Default::default()
-                })
-                .collect(),
+            processes,
             ..Default::default()
         })
     }
