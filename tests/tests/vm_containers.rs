@@ -649,7 +649,39 @@ async fn scenarios(c: AgentClient) {
     );
     pod.remove("seccomp").await;
 
-    // 9. Errors: unknown container, bad spec; then the VM keeps serving.
+    // 9. A user namespace: root inside is host uid 100000; /sys and the cgroup fs, which the kernel
+    //    will not mount for a user namespace without its own network / cgroup namespace, are bind
+    //    mounts of the guest's.
+    let mut s = spec(
+        "userns",
+        &[
+            "sh",
+            "-c",
+            "id -u; cat /proc/self/uid_map | tr -s ' '; [ -d /sys/class ] && echo sys-ok; \
+             [ -e /sys/fs/cgroup/cgroup.controllers ] && echo cgroup-ok; \
+             touch /bin/x 2>&1; touch /dev/shm/y && echo shm-ok",
+        ],
+    );
+    s["linux"]["namespaces"]
+        .as_array_mut()
+        .unwrap()
+        .push(json!({"type": "user"}));
+    s["linux"]["uidMappings"] = json!([{"containerID": 0, "hostID": 100000, "size": 65536}]);
+    s["linux"]["gidMappings"] = json!([{"containerID": 0, "hostID": 100000, "size": 65536}]);
+    let r = pod.run("userns", &s).await;
+    assert_eq!(r.exit.exit_status, 0, "{r:?}");
+    let lines: Vec<&str> = r.stdout.lines().collect();
+    assert_eq!(lines[0], "0", "{r:?}");
+    assert_eq!(lines[1].trim(), "0 100000 65536", "{r:?}");
+    assert_eq!(lines[2..4], ["sys-ok", "cgroup-ok"], "{r:?}");
+    assert!(
+        lines[4].contains("Permission denied"),
+        "root-owned rootfs: {r:?}"
+    );
+    assert_eq!(lines[5], "shm-ok", "{r:?}");
+    pod.remove("userns").await;
+
+    // 10. Errors: unknown container, bad spec; then the VM keeps serving.
     let e = c.start_container("gone").await.unwrap_err();
     assert_eq!(code(&e), "NotFound", "{e}");
     let e = c
@@ -672,7 +704,7 @@ async fn scenarios(c: AgentClient) {
     pod.remove("after").await;
     c.ping().await.unwrap();
 
-    // 10. Storage: the share unmounts; an unknown target is NOT_FOUND.
+    // 11. Storage: the share unmounts; an unknown target is NOT_FOUND.
     c.unmount_storage(SHARED).await.unwrap();
     let e = c.unmount_storage(SHARED).await.unwrap_err();
     assert_eq!(code(&e), "NotFound", "{e}");
@@ -687,7 +719,7 @@ fn containers_run_in_the_guest_through_the_agent_api() {
         .unwrap();
     let share = tmp.path().join("share");
     for id in [
-        "basic", "stdin", "tty", "main", "side", "oom", "ro", "seccomp", "after",
+        "basic", "stdin", "tty", "main", "side", "oom", "ro", "seccomp", "userns", "after",
     ] {
         build_rootfs(&share.join(id).join("rootfs"));
     }
