@@ -81,7 +81,7 @@ unit:
 	$(CARGO) test --release -p husk-tests --lib --bins
 
 # Everything that boots a VM runs in one test-host boot: the self-test, then the end-to-end tests.
-e2e: guest testhost
+e2e: guest testhost images
 	e2e=$$($(CARGO) test --release -p husk-tests --no-run --message-format=json 2>/dev/null | \
 		jq -r 'select(.profile.test == true and .target.kind == ["test"] and .executable != null) | .executable' | tr '\n' ' '); \
 	cgroup=$$($(CARGO) test --release -p husk-agent --test container_cgroup --no-run --message-format=json 2>/dev/null | \
@@ -112,7 +112,7 @@ bench-image: build testhost $(BENCH_INITRD)
 bench: guest testhost $(BENCH_INITRD)
 	$(TESTHOST) target/release/husk-bench --out target/bench/results.json
 
-demo: deps guest testhost
+demo: deps guest testhost images
 	$(TESTHOST) target/release/husk-demo
 
 # libFuzzer targets for the guest-controlled virtio parsers (fuzz/, its own cargo workspace), each

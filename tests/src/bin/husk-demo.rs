@@ -1,67 +1,96 @@
-//! `make demo`: boots a Husk microVM, asks its agent over vsock who it is, shuts it down, with timings.
+//! `make demo`: a real container in a Husk microVM through a real containerd.
+//!
+//! Starts a private containerd 1.6 (its own root, state and socket), imports the offline busybox image, and
+//! runs `ctr run --rm --runtime io.containerd.husk.v2 busybox ... uname -r`: the container sees the guest
+//! kernel, not the host's. The same container under runc is timed next to it.
 
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
-use anyhow::Context;
-use husk_tests::{in_nested_testhost, require_kvm, Artifacts, VmOptions, VmProcess};
+use anyhow::{ensure, Context};
+use husk_tests::containerd::{busybox_image_tar, Containerd, ContainerdOptions, BUSYBOX_IMAGE};
+use husk_tests::{in_nested_testhost, project_root, require_kvm, Artifacts};
+
+const NS: &str = "husk-demo";
 
 fn main() -> anyhow::Result<()> {
     let a = Artifacts::locate()?;
     require_kvm()?;
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()?;
-    let host_release = std::fs::read_to_string("/proc/sys/kernel/osrelease")?;
+    let root = project_root();
+    let virtiofsd = root.join("build/testhost/virtiofsd");
+    ensure!(
+        virtiofsd.is_file(),
+        "{} is missing: run 'make testhost'",
+        virtiofsd.display()
+    );
     if in_nested_testhost() {
         println!(
             "(running in the nested test host: absolute times are 20-50x slower than on hardware)"
         );
     }
-    let opts = VmOptions {
-        vcpus: 2,
-        mem_mib: 256,
-        ..VmOptions::agent(&a)
-    };
-    let mut vm = VmProcess::spawn(&a, &opts)?;
-    let client = rt
-        .block_on(vm.connect_agent(Duration::from_secs(90)))
-        .with_context(|| format!("the agent did not answer; console:\n{}", vm.console()))?;
-    let ready = vm.started.elapsed();
+    let dir = tempfile::tempdir()?;
+    let config = dir.path().join("husk.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "# The demo's Husk configuration (a node would use /etc/husk/config.toml)\n\
+             kernel = {:?}\ninitrd = {:?}\nvmm = {:?}\nvirtiofsd = {:?}\nvcpus = 1\nmemory_mib = 256\n",
+            a.kernel, a.initrd, a.vmm, virtiofsd
+        ),
+    )?;
     let t = Instant::now();
-    let ping = rt.block_on(client.ping())?;
-    let ping_rtt = t.elapsed();
-    let info = rt.block_on(client.guest_info())?;
-    println!("husk-vmm pid {}, 2 vCPUs, 256 MiB", vm.pid());
+    let ctd = Containerd::start(&ContainerdOptions {
+        extra_path: vec![root.join("target/release")],
+        env: vec![("HUSK_CONFIG".into(), config.display().to_string())],
+        ..Default::default()
+    })?;
     println!(
-        "agent {} (API v{}) ready {} ms after VMM start",
-        ping.agent_version,
-        ping.api_version,
-        ready.as_millis()
-    );
-    println!(
-        "guest kernel: {} (host kernel: {})",
-        info.kernel_release,
-        host_release.trim()
-    );
-    println!(
-        "guest: {} CPUs, {} MiB total, {} MiB available, up {} ms",
-        info.online_cpus,
-        info.mem_total_bytes >> 20,
-        info.mem_available_bytes >> 20,
-        info.uptime.as_millis()
-    );
-    println!("ping round trip over vsock: {} us", ping_rtt.as_micros());
-    if let Some(rss) = vm.rss_kib() {
-        println!("VMM resident memory: {} MiB", rss / 1024);
-    }
-    let t = Instant::now();
-    rt.block_on(client.shutdown())?;
-    drop(client);
-    let status = vm.wait_exit(Duration::from_secs(60))?;
-    println!(
-        "guest shut down in {} ms; husk-vmm exited with {status}",
+        "containerd {} ready in {} ms",
+        ctd.dir().display(),
         t.elapsed().as_millis()
     );
-    anyhow::ensure!(status.success(), "husk-vmm failed: {}", vm.stderr());
+    let t = Instant::now();
+    ctd.import_image(NS, &busybox_image_tar()?)?;
+    println!(
+        "imported {BUSYBOX_IMAGE} (built offline) in {} ms",
+        t.elapsed().as_millis()
+    );
+
+    let script = "echo \"kernel $(uname -r), $(nproc) CPU(s), $(grep MemTotal /proc/meminfo)\"";
+    let host_release = std::fs::read_to_string("/proc/sys/kernel/osrelease")?;
+    println!("host kernel: {}", host_release.trim());
+    for (runtime, id) in [
+        ("io.containerd.husk.v2", "demo-husk"),
+        ("io.containerd.runc.v2", "demo-runc"),
+    ] {
+        let t = Instant::now();
+        let out = ctd
+            .ctr_ok(
+                NS,
+                [
+                    "run",
+                    "--rm",
+                    "--runtime",
+                    runtime,
+                    BUSYBOX_IMAGE,
+                    id,
+                    "sh",
+                    "-c",
+                    script,
+                ],
+            )
+            .with_context(|| format!("ctr run with {runtime}"))?;
+        println!(
+            "{runtime:>22}: {} ({} ms for ctr run --rm)",
+            String::from_utf8_lossy(&out.stdout).trim(),
+            t.elapsed().as_millis()
+        );
+        if runtime.contains("husk") {
+            let guest = String::from_utf8_lossy(&out.stdout);
+            ensure!(
+                !guest.contains(&format!("kernel {} ", host_release.trim())),
+                "the Husk container saw the host's kernel"
+            );
+        }
+    }
     Ok(())
 }
