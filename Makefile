@@ -19,7 +19,7 @@ APT_PACKAGES := linux-source-6.1 flex bison bc libelf-dev libssl-dev cpio xz-uti
 VIRTIOFSD_VERSION := 1.14.0
 VIRTIOFSD := $(HUSK_CACHE)/virtiofsd-$(VIRTIOFSD_VERSION)/bin/virtiofsd
 
-.PHONY: all deps build agent guest testhost virtiofsd images lint unit e2e test bench bench-image demo fuzz clean
+.PHONY: all deps build agent guest testhost virtiofsd images lint unit e2e test bench bench-image demo fuzz install clean
 
 all: build
 
@@ -53,6 +53,25 @@ virtiofsd:
 		--root $(HUSK_CACHE)/virtiofsd-$(VIRTIOFSD_VERSION)
 	@mkdir -p build/testhost
 	install -m 0755 $(VIRTIOFSD) build/testhost/virtiofsd
+
+# Installs Husk on this node, like runc: the shim on containerd's PATH, the VMM, virtiofsd, the guest kernel
+# and image, and a default /etc/husk/config.toml (kept if present). Then select the runtime with
+# `ctr run --runtime io.containerd.husk.v2` or a CRI runtime with runtime_type "io.containerd.husk.v2".
+PREFIX ?= /usr/local
+install: guest virtiofsd
+	install -D -m 0755 target/release/containerd-shim-husk-v2 $(DESTDIR)$(PREFIX)/bin/containerd-shim-husk-v2
+	install -D -m 0755 $(VMM) $(DESTDIR)$(PREFIX)/bin/husk-vmm
+	install -D -m 0755 $(VIRTIOFSD) $(DESTDIR)$(PREFIX)/libexec/husk/virtiofsd
+	install -D -m 0644 build/guest/vmlinux $(DESTDIR)/usr/share/husk/vmlinux
+	install -D -m 0644 build/guest/initrd.img $(DESTDIR)/usr/share/husk/initrd.img
+	@if [ ! -e $(DESTDIR)/etc/husk/config.toml ]; then \
+		mkdir -p $(DESTDIR)/etc/husk; \
+		printf '%s\n' '# Husk node configuration (docs/shim.md lists every key).' \
+			'kernel = "/usr/share/husk/vmlinux"' 'initrd = "/usr/share/husk/initrd.img"' \
+			'vmm = "$(PREFIX)/bin/husk-vmm"' 'virtiofsd = "$(PREFIX)/libexec/husk/virtiofsd"' \
+			'vcpus = 1' 'memory_mib = 256' > $(DESTDIR)/etc/husk/config.toml; \
+		echo "wrote $(DESTDIR)/etc/husk/config.toml"; \
+	else echo "kept $(DESTDIR)/etc/husk/config.toml"; fi
 
 # The nested test host (L1): its kernel, its Debian root filesystem, and the marker-init guest image.
 testhost: build virtiofsd
