@@ -1,7 +1,8 @@
 //! Device benchmarks: fio on virtio-blk and iperf3 over a tap, husk-vmm against QEMU `-M microvm`
 //! booting the same kernel and the same benchmark image; the virtio-fs share against reading the same
-//! files directly on the host. Rounds interleave the peers (husk, QEMU, host; the next round QEMU
-//! first) so slow drifts of a shared machine hit both sides alike.
+//! files directly on the host. A round boots husk-vmm and QEMU with blk + net (odd rounds QEMU
+//! first, so slow drifts of a shared machine hit both sides alike), then husk-vmm with the share
+//! only, then probes the share directly on the host.
 //!
 //! Everything the devices read lives on the host's tmpfs (the test host's /tmp): the 256 MiB raw
 //! disk image and the shared directory. Both VMMs then serve the guest from the host page cache, so
@@ -88,15 +89,11 @@ impl Setup {
         })
     }
 
-    fn guest_vars(&self, fs: bool) -> String {
+    /// The blk + net workloads (the same for both VMMs).
+    fn guest_vars(&self) -> String {
         format!(
-            "bench_blk=1 bench_ip={GUEST_IP} bench_server={HOST_IP} bench_secs={}{}",
-            self.secs,
-            if fs {
-                format!(" bench_tag={FS_TAG}")
-            } else {
-                String::new()
-            }
+            "bench_blk=1 bench_ip={GUEST_IP} bench_server={HOST_IP} bench_secs={}",
+            self.secs
         )
     }
 
@@ -112,7 +109,33 @@ impl Setup {
         Ok((d, out))
     }
 
+    /// husk-vmm with the same devices as the QEMU peer (blk + net). The share gets its own VM
+    /// ([`Self::husk_fs`]): with a share, guest RAM becomes a shared memfd instead of the
+    /// anonymous memory QEMU uses here, which must not colour the blk/net comparison.
     fn husk(&self, a: &Artifacts, round: usize) -> anyhow::Result<VmSample> {
+        let (mut iperf, iperf_out) = self.iperf_server(round, "husk")?;
+        let opts = VmOptions {
+            mem_mib: GUEST_MIB,
+            initrd: self.initrd.clone(),
+            extra_cmdline: Some(self.guest_vars()),
+            console_to_pipe: true,
+            extra_args: vec![
+                "--disk".into(),
+                format!("path={},ro,id=bench-data", self.data.display()),
+                "--disk".into(),
+                format!("path={},ro,id=bench-tools", self.tools.display()),
+                "--net".into(),
+                format!("tap={TAP}"),
+            ],
+            ..VmOptions::agent(a)
+        };
+        let lines = self.run_husk(a, &opts, None)?;
+        iperf.wait(Duration::from_secs(30))?;
+        parse_vm(&lines, &iperf_out).context("husk benchmark VM")
+    }
+
+    /// husk-vmm with the virtio-fs share only: the guest mounts it and runs bench-fsprobe.
+    fn husk_fs(&self, a: &Artifacts, round: usize) -> anyhow::Result<FsSample> {
         let sock = self.dir.path().join(format!("fs-{round}.sock"));
         let log = self.dir.path().join(format!("virtiofsd-{round}.log"));
         // --cache auto: what a pod's share would use (the guest may cache, the host may change
@@ -129,34 +152,41 @@ impl Setup {
                 .stderr(std::fs::File::create(&log)?),
         )?;
         wait_for_path(&sock, &mut vfsd.child, "virtiofsd")?;
-        let (mut iperf, iperf_out) = self.iperf_server(round, "husk")?;
         let opts = VmOptions {
             mem_mib: GUEST_MIB,
             initrd: self.initrd.clone(),
-            extra_cmdline: Some(self.guest_vars(true)),
+            extra_cmdline: Some(format!("bench_tag={FS_TAG}")),
             console_to_pipe: true,
             extra_args: vec![
-                "--disk".into(),
-                format!("path={},ro,id=bench-data", self.data.display()),
-                "--disk".into(),
-                format!("path={},ro,id=bench-tools", self.tools.display()),
-                "--net".into(),
-                format!("tap={TAP}"),
                 "--fs".into(),
                 format!("socket={},tag={FS_TAG}", sock.display()),
             ],
             ..VmOptions::agent(a)
         };
-        let mut vm = VmProcess::spawn(a, &opts)?;
-        let lines = vm.console_until("BENCH-DONE", VM_TIMEOUT);
-        let lines = match lines {
+        let lines = self.run_husk(a, &opts, Some(&log))?;
+        let _ = vfsd.wait(Duration::from_secs(10));
+        let get = |name: &str| bench_line(&lines, name);
+        fs_sample(get("fs_read")?, get("fs_stat")?).context("husk virtio-fs VM")
+    }
+
+    /// Boots the benchmark image under husk-vmm and returns its console up to BENCH-DONE.
+    fn run_husk(
+        &self,
+        a: &Artifacts,
+        opts: &VmOptions,
+        daemon_log: Option<&Path>,
+    ) -> anyhow::Result<Vec<String>> {
+        let mut vm = VmProcess::spawn(a, opts)?;
+        let lines = match vm.console_until("BENCH-DONE", VM_TIMEOUT) {
             Ok(l) => l,
             Err(e) => {
                 vm.kill();
                 bail!(
                     "husk benchmark VM: {e}\nstderr: {}\nvirtiofsd: {}",
                     vm.stderr(),
-                    std::fs::read_to_string(&log).unwrap_or_default()
+                    daemon_log
+                        .and_then(|l| std::fs::read_to_string(l).ok())
+                        .unwrap_or_default()
                 );
             }
         };
@@ -164,9 +194,7 @@ impl Setup {
         if !status.success() {
             bail!("husk-vmm exited with {status}: {}", vm.stderr());
         }
-        iperf.wait(Duration::from_secs(30))?;
-        let _ = vfsd.wait(Duration::from_secs(10));
-        parse_vm(&lines, &iperf_out, true).context("husk benchmark VM")
+        Ok(lines)
     }
 
     fn qemu(&self, a: &Artifacts, round: usize) -> anyhow::Result<VmSample> {
@@ -179,7 +207,7 @@ impl Setup {
         let cmdline = format!(
             "{} {}",
             husk_vmm::config::BASE_CMDLINE.replace("reboot=k", "reboot=t"),
-            self.guest_vars(false)
+            self.guest_vars()
         );
         let mut child = Command::new("qemu-system-x86_64")
             .args(["-M", "microvm,acpi=off", "-accel", "kvm", "-cpu", "host"])
@@ -246,7 +274,7 @@ impl Setup {
         }
         wait_child(&mut child, Duration::from_secs(60), "qemu")?;
         iperf.wait(Duration::from_secs(30))?;
-        parse_vm(&lines, &iperf_out, false).context("QEMU benchmark VM")
+        parse_vm(&lines, &iperf_out).context("QEMU benchmark VM")
     }
 
     /// The shared directory read directly on the host, with the same probe binary as the guest.
@@ -295,14 +323,17 @@ fn fio(line: &str) -> anyhow::Result<(f64, f64)> {
     Ok((bw_kib * 1024.0 / 1e6, iops))
 }
 
-fn parse_vm(lines: &[String], iperf_json: &Path, with_fs: bool) -> anyhow::Result<VmSample> {
-    let get = |name: &str| -> anyhow::Result<&str> {
-        let tag = format!("BENCH {name} ");
-        lines
-            .iter()
-            .find_map(|l| l.split_once(&tag).map(|(_, r)| r))
-            .with_context(|| format!("no {name} result; console:\n{}", lines.join("\n")))
-    };
+/// The rest of the console line `BENCH <name> ...`.
+fn bench_line<'a>(lines: &'a [String], name: &str) -> anyhow::Result<&'a str> {
+    let tag = format!("BENCH {name} ");
+    lines
+        .iter()
+        .find_map(|l| l.split_once(&tag).map(|(_, r)| r))
+        .with_context(|| format!("no {name} result; console:\n{}", lines.join("\n")))
+}
+
+fn parse_vm(lines: &[String], iperf_json: &Path) -> anyhow::Result<VmSample> {
+    let get = |name: &str| bench_line(lines, name);
     let (seq_mbps, seq_iops) = fio(get("blk_seqread")?)?;
     let (rand_mbps, rand_iops) = fio(get("blk_randread")?)?;
     let net = get("net_tcp")?;
@@ -316,18 +347,13 @@ fn parse_vm(lines: &[String], iperf_json: &Path, with_fs: bool) -> anyhow::Resul
     let bps = json["end"]["sum_received"]["bits_per_second"]
         .as_f64()
         .context("iperf3 report without end.sum_received.bits_per_second")?;
-    let fs = if with_fs {
-        Some(fs_sample(get("fs_read")?, get("fs_stat")?)?)
-    } else {
-        None
-    };
     Ok(VmSample {
         seq_mbps,
         seq_iops,
         rand_mbps,
         rand_iops,
         net_mbit: bps / 1e6,
-        fs,
+        fs: None,
     })
 }
 
@@ -350,6 +376,10 @@ pub fn run(a: &Artifacts, runs: usize, secs: u32) -> anyhow::Result<DeviceResult
         } else {
             qemu.push(setup.qemu(a, round)?);
             husk.push(setup.husk(a, round)?);
+        }
+        let fs = setup.husk_fs(a, round)?;
+        if let Some(last) = husk.last_mut() {
+            last.fs = Some(fs);
         }
         host.push(setup.host_fs()?);
         eprintln!(
