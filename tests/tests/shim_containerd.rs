@@ -157,6 +157,13 @@ fn wait_child(child: &mut std::process::Child, timeout: Duration) -> (Option<i32
 #[test]
 fn run_rm_exit_code_env_cwd_stdin_and_config_errors() {
     let s = setup();
+    // A host directory bind-mounted read-only (a volume): it reaches the guest through the pod's share.
+    let volume = tempfile::tempdir().unwrap();
+    std::fs::write(volume.path().join("hello"), "from-the-host\n").unwrap();
+    let mount = format!(
+        "type=bind,src={},dst=/data,options=rbind:ro",
+        volume.path().display()
+    );
     let before = LeakSnapshot::take();
     let started = Instant::now();
     let out = s
@@ -172,11 +179,14 @@ fn run_rm_exit_code_env_cwd_stdin_and_config_errors() {
                 "FOO=bar",
                 "--cwd",
                 "/tmp",
+                "--mount",
+                &mount,
                 IMAGE,
                 "s1",
                 "sh",
                 "-c",
-                "read line; echo in=$line; echo foo=$FOO; pwd; id -u; uname -r; exit 3",
+                "read line; echo in=$line; echo foo=$FOO; pwd; id -u; uname -r; cat /data/hello; \
+                 touch /data/new 2>/dev/null && echo volume-rw || echo volume-ro; exit 3",
             ],
             Some(Stdin::for_run(b"hello\n", "s1")),
             Duration::from_secs(180),
@@ -192,7 +202,15 @@ fn run_rm_exit_code_env_cwd_stdin_and_config_errors() {
         s.ctd.log_tail(80)
     );
     let lines: Vec<&str> = stdout.lines().map(str::trim).collect();
-    for want in ["in=hello", "foo=bar", "/tmp", "0", GUEST_KERNEL_RELEASE] {
+    for want in [
+        "in=hello",
+        "foo=bar",
+        "/tmp",
+        "0",
+        GUEST_KERNEL_RELEASE,
+        "from-the-host",
+        "volume-ro",
+    ] {
         assert!(lines.contains(&want), "{want:?} missing from {lines:?}");
     }
     let host_release = text(&Command::new("uname").arg("-r").output().unwrap().stdout);
