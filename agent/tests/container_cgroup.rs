@@ -198,6 +198,44 @@ fn cgroup_v2_inner() {
         "failed create cleans up its cgroup"
     );
 
+    // Device rules: an eBPF program on the cgroup. containerd's "deny all"
+    // still leaves the default nodes usable; another device needs a rule,
+    // for mknod and for open separately.
+    let script = "head -c 4 /dev/zero | wc -c; mknod /dev/tun2 c 10 200 && echo mknod-ok; \
+                  true < /dev/tun2 && echo open-ok; true";
+    for (id, extra, want) in [
+        ("dev-deny", json!(null), "4\n"),
+        ("dev-m", json!("m"), "4\nmknod-ok\n"),
+        ("dev-rm", json!("rm"), "4\nmknod-ok\nopen-ok\n"),
+    ] {
+        let mut s = common::spec(script);
+        common::set_caps(&mut s, &["CAP_MKNOD"]);
+        let mut rules = vec![json!({"allow": false, "access": "rwm"})];
+        if let Some(access) = extra.as_str() {
+            rules.push(
+                json!({"allow": true, "type": "c", "major": 10, "minor": 200, "access": access}),
+            );
+        }
+        s["linux"]["resources"] = json!({ "devices": rules });
+        create(&rt, &e, id, s, rootfs.path()).unwrap();
+        let p = e.process(id, "").unwrap();
+        let e2 = Arc::clone(&e);
+        let id2 = id.to_string();
+        blocking(&rt, move || e2.start(&id2)).unwrap();
+        let out = rt.block_on(async {
+            let mut rx =
+                husk_agent::container::stdio::read_stream(&p.stdio.stdout, 4096, 2).unwrap();
+            let mut out = Vec::new();
+            while let Some(c) = rx.recv().await {
+                out.extend(c.unwrap());
+            }
+            String::from_utf8(out).unwrap()
+        });
+        assert_eq!(rt.block_on(e.wait(id, "")).unwrap().status, 0, "{id}");
+        assert_eq!(out, want, "{id}");
+        rt.block_on(e.remove(id, false)).unwrap();
+    }
+
     // Force removal kills through the cgroup and removes it.
     rt.block_on(e.remove("cg", true)).unwrap();
     assert!(!cg.exists());

@@ -113,9 +113,7 @@ pub fn resource_files(r: &LinuxResources) -> Result<Vec<(String, String)>, Engin
         }
         put(k, v.clone());
     }
-    if r.devices().as_ref().is_some_and(|d| !d.is_empty()) {
-        tracing::debug!("linux.resources.devices ignored: cgroup v2 device control needs eBPF (not implemented)");
-    }
+    // Device rules are an eBPF program, not a file: see `devices`.
     if r.block_io().is_some()
         || r.hugepage_limits().is_some()
         || r.rdma().is_some()

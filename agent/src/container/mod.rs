@@ -13,6 +13,7 @@
 
 pub mod capabilities;
 pub mod cgroups;
+pub mod devices;
 pub mod namespaces;
 pub mod process;
 pub mod rlimits;
@@ -313,13 +314,18 @@ impl Engine {
             Some(r) => cgroups::resource_files(r)?,
             None => Vec::new(),
         };
+        let device_rules = device_rules(linux)?;
         let cgroup = if self.cgroup_v2 {
             let rel = match linux.cgroups_path() {
                 Some(cp) => cgroups::relative_path(cp)?,
                 None => self.cfg.cgroup_parent.join(&p.id),
             };
             let cg = Cgroup::create(&self.cfg.cgroup_root, &rel)?;
-            if let Err(e) = cg.apply(&files) {
+            let applied = cg.apply(&files).and_then(|()| match &device_rules {
+                Some(rules) => devices::attach(cg.path(), rules),
+                None => Ok(()),
+            });
+            if let Err(e) = applied {
                 let _ = cg.remove();
                 return Err(e);
             }
@@ -782,6 +788,10 @@ impl Engine {
             EngineError::FailedPrecondition("update needs cgroup v2 (not available)".into())
         })?;
         cg.apply(&files)?;
+        if r.devices().as_ref().is_some_and(|d| !d.is_empty()) {
+            // Replacing the attached program needs BPF_F_REPLACE bookkeeping.
+            tracing::warn!(container = %id, "UpdateContainer: device rules are not changed after create");
+        }
         tracing::info!(container = %id, files = files.len(), "resources updated");
         Ok(())
     }
@@ -821,6 +831,31 @@ impl Engine {
     pub fn cgroup_root(&self) -> &Path {
         &self.cfg.cgroup_root
     }
+}
+
+/// The device cgroup rules of a spec (`None`: no rules, no program), with
+/// the nodes of `linux.devices` allowed.
+fn device_rules(
+    linux: &oci_spec::runtime::Linux,
+) -> Result<Option<Vec<devices::Rule>>, EngineError> {
+    let spec_rules = linux
+        .resources()
+        .as_ref()
+        .and_then(|r| r.devices().as_deref())
+        .unwrap_or(&[]);
+    let mut extra = Vec::new();
+    for d in linux.devices().as_deref().unwrap_or(&[]) {
+        let block = match d.typ() {
+            oci_spec::runtime::LinuxDeviceType::B => true,
+            oci_spec::runtime::LinuxDeviceType::C | oci_spec::runtime::LinuxDeviceType::U => false,
+            // FIFOs are not device-controlled.
+            _ => continue,
+        };
+        if let (Ok(ma), Ok(mi)) = (u32::try_from(d.major()), u32::try_from(d.minor())) {
+            extra.push((block, ma, mi));
+        }
+    }
+    devices::rules(spec_rules, "linux.resources.devices", &extra)
 }
 
 /// Reads memory.events; records and reports a new OOM kill.
