@@ -177,6 +177,33 @@ fn options(spec: &str) -> impl Iterator<Item = (&str, &str)> {
 }
 
 /// `--disk path=FILE[,ro][,id=SERIAL]`
+/// Serial of the root image disk, so the guest (and a human) can tell it from pod disks.
+pub const ROOTFS_DISK_ID: &str = "husk-rootfs";
+
+/// Boots from a read-only root image instead of an initrd (docs/guest-image.md): `image` becomes
+/// the first virtio-blk disk, `/dev/vda`, ahead of the other disks, and the kernel is told to mount
+/// it read-only (erofs, or ext4) and run the agent as `/init`. The root parameters go in front of
+/// `cmdline_extra`, so init arguments after a `--` there stay init arguments.
+pub fn use_root_image(
+    image: PathBuf,
+    disks: &mut Vec<BlockConfig>,
+    cmdline_extra: Option<String>,
+) -> Option<String> {
+    disks.insert(
+        0,
+        BlockConfig {
+            path: image,
+            read_only: true,
+            id: Some(ROOTFS_DISK_ID.into()),
+        },
+    );
+    let root = "root=/dev/vda ro rootfstype=erofs,ext4 init=/init";
+    Some(match cmdline_extra {
+        Some(extra) if !extra.trim().is_empty() => format!("{root} {extra}"),
+        _ => root.to_string(),
+    })
+}
+
 pub fn parse_disk(spec: &str) -> Result<BlockConfig, ConfigError> {
     let err = |reason: String| ConfigError::Spec {
         what: "disk",
@@ -397,5 +424,29 @@ mod tests {
         let mut c = good();
         c.vsock.as_mut().unwrap().uds_path = "/nonexistent/dir/v.sock".into();
         assert!(matches!(c.validate(), Err(ConfigError::VsockDir(_))));
+    }
+
+    #[test]
+    fn root_image_is_the_first_read_only_disk() {
+        let mut disks = vec![parse_disk("path=/pod.img").unwrap()];
+        let extra = use_root_image(
+            "/img/rootfs.erofs".into(),
+            &mut disks,
+            Some("-- a b".into()),
+        );
+        assert_eq!(disks.len(), 2);
+        assert_eq!(disks[0].path, PathBuf::from("/img/rootfs.erofs"));
+        assert!(disks[0].read_only);
+        assert_eq!(disks[0].id.as_deref(), Some(ROOTFS_DISK_ID));
+        assert_eq!(disks[1].path, PathBuf::from("/pod.img"));
+        assert_eq!(
+            extra.as_deref(),
+            Some("root=/dev/vda ro rootfstype=erofs,ext4 init=/init -- a b")
+        );
+        let mut none = Vec::new();
+        assert_eq!(
+            use_root_image("/r".into(), &mut none, None).as_deref(),
+            Some("root=/dev/vda ro rootfstype=erofs,ext4 init=/init")
+        );
     }
 }

@@ -22,6 +22,10 @@ struct Cli {
     /// Initial ramdisk (cpio), e.g. the Husk guest image with the agent as /init.
     #[arg(long)]
     initrd: Option<PathBuf>,
+    /// Read-only root image (erofs or ext4) with the agent as /init, instead of an initrd: it
+    /// becomes /dev/vda, before any --disk (docs/guest-image.md).
+    #[arg(long, conflicts_with = "initrd")]
+    rootfs: Option<PathBuf>,
     /// Number of vCPUs.
     #[arg(long, default_value_t = 1)]
     vcpus: u8,
@@ -78,12 +82,16 @@ fn main() -> ExitCode {
         )
         .init();
 
+    let (mut disks, mut cmdline) = (cli.disks, cli.cmdline);
+    if let Some(image) = cli.rootfs {
+        cmdline = husk_vmm::config::use_root_image(image, &mut disks, cmdline);
+    }
     let config = VmConfig {
         kernel: cli.kernel,
         initrd: cli.initrd,
         vcpus: cli.vcpus,
         mem_mib: cli.mem_mib,
-        cmdline_extra: cli.cmdline,
+        cmdline_extra: cmdline,
         console: match cli.console.as_str() {
             "stdout" => ConsoleOutput::Stdout,
             "none" => ConsoleOutput::Discard,
@@ -93,7 +101,7 @@ fn main() -> ExitCode {
             guest_cid: cli.vsock_cid,
             uds_path,
         }),
-        disks: cli.disks,
+        disks,
         nets: cli.nets,
         fs: cli.fs,
         control_socket: cli.control_socket,
