@@ -12,7 +12,7 @@
 //! log_level = "info"                         # the shim's tracing filter
 //! state_dir = "/run/husk"
 //! # Keys a pod may override with `io.husk.config.<key>` annotations.
-//! allowed_annotations = ["vcpus", "memory_mib", "debug_console"]
+//! allowed_annotations = ["vcpus", "memory_mib"]
 //! ```
 //!
 //! Paths (kernel, initrd, vmm, virtiofsd, state_dir) are host paths chosen by the node's administrator; they
@@ -81,7 +81,8 @@ impl Default for ShimConfig {
             debug_console: false,
             log_level: "info".into(),
             state_dir: "/run/husk".into(),
-            allowed_annotations: vec!["vcpus".into(), "memory_mib".into(), "debug_console".into()],
+            // Not debug_console: the console log is written by the guest, without a size limit.
+            allowed_annotations: vec!["vcpus".into(), "memory_mib".into()],
         }
     }
 }
@@ -335,7 +336,7 @@ mod tests {
             ("io.husk.config.cpus", "2", "unknown key"),
             ("io.husk.config.vcpus", "lots", "not a number"),
             ("io.husk.config.vcpus", "999", "vcpus"),
-            ("io.husk.config.debug_console", "yes", "true or false"),
+            ("io.husk.config.debug_console", "true", "not allowed"),
         ] {
             let e = base
                 .with_annotations(&ann(&[(k, v)]))
@@ -345,6 +346,12 @@ mod tests {
         }
         let mut open = base.clone();
         open.allowed_annotations.push("kernel".into());
+        open.allowed_annotations.push("debug_console".into());
+        assert!(open
+            .with_annotations(&ann(&[("io.husk.config.debug_console", "yes")]))
+            .unwrap_err()
+            .to_string()
+            .contains("true or false"));
         let cfg = open
             .with_annotations(&ann(&[("io.husk.config.kernel", "/boot/k")]))
             .unwrap();

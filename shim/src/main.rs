@@ -47,7 +47,11 @@ fn main() -> anyhow::Result<()> {
                 .enable_all()
                 .build()
                 .context("starting the async runtime")?;
-            rt.block_on(husk_shim::server::serve(&args, &flags.socket, &bundle))?;
+            let served = rt.block_on(husk_shim::server::serve(&args, &flags.socket, &bundle));
+            // A stdio copier may still block in open(2)/read(2) on a FIFO nobody will touch again: do not
+            // wait for those threads on the way out.
+            rt.shutdown_background();
+            served?;
             Ok(())
         }
         other => anyhow::bail!(

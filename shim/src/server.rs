@@ -29,6 +29,15 @@ pub enum ServerError {
 
 /// Runs the shim server for pod `args.id` on `socket` (a `unix://` address), in the bundle directory.
 pub async fn serve(args: &ShimArgs, socket: &str, bundle: &Path) -> Result<(), ServerError> {
+    let r = serve_inner(args, socket, bundle).await;
+    if let Err(e) = &r {
+        // `start` sees only that we died; containerd's log (our log FIFO) gets the reason.
+        tracing::error!(error = %e, "the shim server failed");
+    }
+    r
+}
+
+async fn serve_inner(args: &ShimArgs, socket: &str, bundle: &Path) -> Result<(), ServerError> {
     let config = ShimConfig::load_from_env();
     let filter = match (&config, args.debug) {
         (_, true) => "debug".to_string(),

@@ -44,10 +44,16 @@ pub fn kill_pid_file(pid_file: &Path, must_contain: &str) -> bool {
     true
 }
 
+/// What the command line of this pod's VMM and virtiofsd contains (their socket paths): the state dir with
+/// a trailing slash, so that pod `p1` never matches pod `p10`.
+pub fn marker(dir: &SandboxDir) -> String {
+    format!("{}/", dir.root().display())
+}
+
 /// Kills the pod's VMM and virtiofsd if they still run, unmounts everything in the share and removes the
 /// state directory. Best effort: every step is tried and failures are logged.
 pub fn remove(dir: &SandboxDir) {
-    let marker = dir.root().to_string_lossy().into_owned();
+    let marker = marker(dir);
     kill_pid_file(&dir.vmm_pid(), &marker);
     kill_pid_file(&dir.virtiofsd_pid(), &marker);
     if let Err(e) = host_mount::unmount_tree(dir.root()) {

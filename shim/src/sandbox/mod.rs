@@ -398,7 +398,11 @@ impl Sandbox {
                 .await
                 .is_ok_and(|r| r.is_ok());
             if !graceful {
-                leftovers::kill_pid_file(&self.dir.vmm_pid(), "husk-vmm");
+                let (pid_file, marker) = (self.dir.vmm_pid(), leftovers::marker(&self.dir));
+                let _ = tokio::task::spawn_blocking(move || {
+                    leftovers::kill_pid_file(&pid_file, &marker)
+                })
+                .await;
                 let _ =
                     tokio::time::timeout(Duration::from_secs(5), exit.wait_for(|e| e.is_some()))
                         .await;
@@ -415,7 +419,8 @@ impl Sandbox {
                 let _ = fsd.wait().await;
             }
         }
-        leftovers::remove(&self.dir);
+        let dir = self.dir.clone();
+        let _ = tokio::task::spawn_blocking(move || leftovers::remove(&dir)).await;
         tracing::info!(sandbox = %self.id, "pod VM stopped and cleaned up");
     }
 }

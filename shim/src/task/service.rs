@@ -44,6 +44,8 @@ use crate::sandbox::{Sandbox, SandboxDir};
 const OUTPUT_DRAIN: Duration = Duration::from_secs(2);
 /// Exit status reported for processes that were running when the VM died (as if SIGKILLed).
 const VM_GONE_EXIT: u32 = 128 + 9;
+/// Exit status reported when the agent cannot say how a process ended.
+const AGENT_LOST_EXIT: u32 = 255;
 /// containerd decodes `ProcessInfo.info` by this name (runc's shim uses the same message).
 const PROCESS_DETAILS_TYPE_URL: &str = "containerd.runc.v1.ProcessDetails";
 
@@ -295,8 +297,27 @@ impl TaskService {
                             at: e.exited_at,
                         }
                     }
-                    // The VM watcher reports processes of a dead VM.
-                    Err(_) if sandbox.has_exited() => return,
+                    // The VM is gone: so is the process (first report wins against the VM watcher).
+                    Err(_) if sandbox.has_exited() => {
+                        break Exit {
+                            status: VM_GONE_EXIT,
+                            at: SystemTime::now(),
+                        }
+                    }
+                    // The agent does not know the process or answers nonsense: waiting longer will not help.
+                    Err(
+                        e @ (ClientError::Rpc {
+                            code: tonic::Code::NotFound,
+                            ..
+                        }
+                        | ClientError::InvalidReply { .. }),
+                    ) => {
+                        tracing::warn!(container = %cid, exec = %eid, error = %e, "the agent cannot report this process's exit");
+                        break Exit {
+                            status: AGENT_LOST_EXIT,
+                            at: SystemTime::now(),
+                        };
+                    }
                     Err(e) => {
                         tracing::warn!(container = %cid, exec = %eid, error = %e, "waiting for the process; retrying");
                         tokio::time::sleep(Duration::from_millis(500)).await;
@@ -391,16 +412,26 @@ impl TaskService {
                 ),
             ));
         }
-        let sandbox = self.ensure_sandbox(&spec, &role).await?;
-
         let sandbox_pid = match &role {
-            PodRole::Container { .. } => self
-                .containers()
-                .values()
-                .find(|c| matches!(c.role, PodRole::Sandbox { .. }))
-                .map(|c| c.init.pid),
+            PodRole::Container { sandbox_id } => {
+                let pid = self
+                    .containers()
+                    .values()
+                    .find(|c| matches!(c.role, PodRole::Sandbox { .. }))
+                    .map(|c| c.init.pid);
+                // Without its sandbox container (e.g. a shim restarted after a crash), the container would
+                // silently get fresh namespaces in a fresh VM: refuse instead.
+                Some(pid.ok_or_else(|| {
+                    err(
+                        Code::FAILED_PRECONDITION,
+                        format!("container {cid}: its pod sandbox {sandbox_id} is not running in this shim"),
+                    )
+                })?)
+            }
             _ => None,
         };
+        let sandbox = self.ensure_sandbox(&spec, &role).await?;
+
         let guest = spec
             .for_guest(&cid, sandbox_pid)
             .map_err(|e| err(Code::INVALID_ARGUMENT, e))?;
@@ -420,13 +451,18 @@ impl TaskService {
         let binds = guest.binds.clone();
         let (cid2, host_dir2) = (cid.clone(), host_dir.clone());
         let mounted = tokio::task::spawn_blocking(move || {
-            host_mount::mount_rootfs(
-                &rootfs,
-                &bundle.join("rootfs"),
-                &dir.container_rootfs(&cid2),
-            )?;
+            let share = dir.shared();
+            let rootfs_target = host_mount::ShareTarget::create(&share, &[&cid2, "rootfs"], true)?;
+            host_mount::mount_rootfs(&rootfs, &bundle.join("rootfs"), &rootfs_target)?;
             for b in &binds {
-                host_mount::bind(&b.source, &dir.container_mount(&cid2, b.index), b.readonly)?;
+                let n = b.index.to_string();
+                host_mount::bind(
+                    &b.source,
+                    &share,
+                    &[&cid2, "mounts", &n],
+                    b.recursive,
+                    b.readonly,
+                )?;
             }
             Ok::<_, host_mount::MountError>(())
         })
@@ -734,7 +770,9 @@ impl Task for TaskService {
                     };
                     MessageField::some(Any {
                         type_url: PROCESS_DETAILS_TYPE_URL.into(),
-                        value: details.write_to_bytes().map_err(|e| err(Code::INTERNAL, e))?,
+                        value: details
+                            .write_to_bytes()
+                            .map_err(|e| err(Code::INTERNAL, e))?,
                         ..Default::default()
                     })
                 }

@@ -71,6 +71,8 @@ pub struct BundleSpec {
 pub struct HostBind {
     pub index: usize,
     pub source: PathBuf,
+    /// `rbind` (submounts too) rather than `bind`.
+    pub recursive: bool,
     pub readonly: bool,
 }
 
@@ -130,6 +132,16 @@ impl BundleSpec {
 
     pub fn role(&self) -> Result<PodRole, SpecError> {
         let sandbox_id = self.annotation(ANNOTATION_SANDBOX_ID).map(str::to_string);
+        // The pod id names a directory and a socket: it must be a plain id, never a path.
+        if let Some(id) = sandbox_id
+            .as_deref()
+            .filter(|id| !husk_proto::is_valid_id(id))
+        {
+            return Err(SpecError::Field {
+                field: format!("annotations.{ANNOTATION_SANDBOX_ID}"),
+                reason: format!("{id:?} is not a valid pod id ([A-Za-z0-9][A-Za-z0-9_.-]{{0,63}})"),
+            });
+        }
         match (self.annotation(ANNOTATION_CONTAINER_TYPE), sandbox_id) {
             (None, _) => Ok(PodRole::Standalone),
             (Some("sandbox"), Some(sandbox_id)) => Ok(PodRole::Sandbox { sandbox_id }),
@@ -240,6 +252,7 @@ impl BundleSpec {
                 binds.push(HostBind {
                     index,
                     source,
+                    recursive: options.iter().any(|o| o == "rbind"),
                     readonly: options.iter().any(|o| o == "ro"),
                 });
                 m["source"] = Value::from(SandboxDir::guest_container_mount(container_id, index));
@@ -302,11 +315,13 @@ mod tests {
                 HostBind {
                     index: 1,
                     source: "/var/lib/x/hosts".into(),
+                    recursive: true,
                     readonly: true
                 },
                 HostBind {
                     index: 2,
                     source: "/srv/data".into(),
+                    recursive: true,
                     readonly: false
                 },
             ]
@@ -332,6 +347,17 @@ mod tests {
             }
         );
         assert_eq!(sb.role().unwrap().group("x"), "pod1");
+        for evil in ["../x", "/", "a/b", ""] {
+            let s = spec(serde_json::json!({"annotations": {
+                "io.kubernetes.cri.container-type": "sandbox", "io.kubernetes.cri.sandbox-id": evil}}));
+            assert!(
+                s.role()
+                    .unwrap_err()
+                    .to_string()
+                    .contains("not a valid pod id"),
+                "{evil}"
+            );
+        }
         let bad = spec(
             serde_json::json!({"annotations": {"io.kubernetes.cri.container-type": "container"}}),
         );
