@@ -419,7 +419,8 @@ fn two_containers_in_one_pod() {
         "alive"
     );
 
-    s.ctr_ok(&["tasks", "kill", "-s", "SIGKILL", "pod1"]);
+    // Kill with `all`: every process of the container.
+    s.ctr_ok(&["tasks", "kill", "--all", "-s", "SIGKILL", "pod1"]);
     s.wait_status("pod1", "STOPPED", Duration::from_secs(60));
     s.ctr_ok(&["tasks", "rm", "pod1"]);
     s.ctr_ok(&["containers", "rm", "pod1"]);
