@@ -83,7 +83,25 @@ struct Shared {
     /// The pod VM, booted by the first Create.
     sandbox: tokio::sync::Mutex<Option<Arc<Sandbox>>>,
     containers: Mutex<BTreeMap<String, Container>>,
+    /// Ids of containers whose Create is under way (taken with `containers` locked, see `reserve`).
+    creating: Mutex<std::collections::BTreeSet<String>>,
+    /// Set by Shutdown once it decided to stop the VM: later Creates are refused.
+    shutting_down: std::sync::atomic::AtomicBool,
     exit: Arc<Notify>,
+}
+
+/// An id reserved for a Create in progress; released when the Create ends either way.
+struct Reservation<'a> {
+    shared: &'a Shared,
+    id: String,
+}
+
+impl Drop for Reservation<'_> {
+    fn drop(&mut self) {
+        if let Ok(mut c) = self.shared.creating.lock() {
+            c.remove(&self.id);
+        }
+    }
 }
 
 /// The Task service of one shim (one pod).
@@ -107,6 +125,8 @@ impl TaskService {
                 pod_id,
                 sandbox: tokio::sync::Mutex::new(None),
                 containers: Mutex::new(BTreeMap::new()),
+                creating: Mutex::new(Default::default()),
+                shutting_down: Default::default(),
                 exit,
             }),
         }
@@ -376,6 +396,40 @@ impl TaskService {
         (outputs, stdin)
     }
 
+    /// Claims `cid` for a Create: refused if it exists, is being created, or the shim is shutting down. The
+    /// check and the claim happen under the containers lock, which Shutdown also takes.
+    fn reserve(&self, cid: &str) -> Result<Reservation<'_>, ttrpc::Error> {
+        let containers = self.containers();
+        if self
+            .shared
+            .shutting_down
+            .load(std::sync::atomic::Ordering::SeqCst)
+        {
+            return Err(err(
+                Code::FAILED_PRECONDITION,
+                format!(
+                    "container {cid}: pod {} is shutting down",
+                    self.shared.pod_id
+                ),
+            ));
+        }
+        let mut creating = self
+            .shared
+            .creating
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        if containers.contains_key(cid) || !creating.insert(cid.to_string()) {
+            return Err(err(
+                Code::ALREADY_EXISTS,
+                format!("container {cid} already exists"),
+            ));
+        }
+        Ok(Reservation {
+            shared: &self.shared,
+            id: cid.to_string(),
+        })
+    }
+
     async fn create_container(
         &self,
         req: CreateTaskRequest,
@@ -387,12 +441,7 @@ impl TaskService {
                 format!("container id {cid:?}: Husk needs [A-Za-z0-9][A-Za-z0-9_.-]{{0,63}}"),
             ));
         }
-        if self.containers().contains_key(&cid) {
-            return Err(err(
-                Code::ALREADY_EXISTS,
-                format!("container {cid} already exists"),
-            ));
-        }
+        let _reservation = self.reserve(&cid)?;
         if !req.checkpoint.is_empty() {
             return Err(err(
                 Code::UNIMPLEMENTED,
@@ -1086,8 +1135,19 @@ impl Task for TaskService {
     }
 
     async fn shutdown(&self, _ctx: &TtrpcContext, _req: ShutdownRequest) -> ttrpc::Result<Empty> {
-        if !self.containers().is_empty() {
-            return Ok(Empty::new());
+        {
+            let containers = self.containers();
+            let creating = self
+                .shared
+                .creating
+                .lock()
+                .unwrap_or_else(|p| p.into_inner());
+            if !containers.is_empty() || !creating.is_empty() {
+                return Ok(Empty::new());
+            }
+            self.shared
+                .shutting_down
+                .store(true, std::sync::atomic::Ordering::SeqCst);
         }
         let sandbox = self.shared.sandbox.lock().await.take();
         if let Some(s) = sandbox {

@@ -57,14 +57,16 @@ pub fn copy_output(
         })
         .await
         {
-            Ok(Ok(f)) => f,
+            Ok(Ok(f)) => Some(Arc::new(std::sync::Mutex::new(f))),
             Ok(Err(e)) => {
-                tracing::warn!(container = %container_id, %fifo, error = %e, "opening the output FIFO");
-                return;
+                tracing::warn!(container = %container_id, %fifo, error = %e, "opening the output FIFO; discarding the output");
+                None
             }
-            Err(_) => return,
+            Err(_) => None,
         };
-        let file = Arc::new(std::sync::Mutex::new(file));
+        // Without a reader the output is still drained (and dropped): a process must never block
+        // forever on a full pipe because its log reader went away (e.g. containerd restarted).
+        let mut sink = file;
         while let Some(chunk) = stream.next().await {
             let chunk = match chunk {
                 Ok(c) => c,
@@ -73,7 +75,9 @@ pub fn copy_output(
                     break;
                 }
             };
-            let f = file.clone();
+            let Some(f) = sink.clone() else {
+                continue;
+            };
             // A FIFO write blocks while the reader is slow: that is the backpressure to the guest.
             let r = tokio::task::spawn_blocking(move || {
                 f.lock()
@@ -82,8 +86,8 @@ pub fn copy_output(
             })
             .await;
             if !matches!(r, Ok(Ok(()))) {
-                tracing::debug!(container = %container_id, %fifo, "output FIFO closed by its reader");
-                break;
+                tracing::warn!(container = %container_id, %fifo, "output FIFO closed by its reader; discarding further output");
+                sink = None;
             }
         }
     })
