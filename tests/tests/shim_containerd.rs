@@ -312,10 +312,11 @@ fn exec_user_tty_pause_resume_stats_and_sigterm() {
         .output()
         .unwrap();
     let tty = text(&out.stdout);
-    // stty reads the window size ctr set through ResizePty: stdin is a terminal of the size asked for.
-    // (The terminal's name is not resolvable inside the container yet: the agent allocates the pty from
-    // the guest's devpts, not the container's own instance, so `tty` says "not a tty".)
-    assert!(tty.contains("24 80"), "tty exec printed: {tty:?}");
+    // The terminal is the container's own (`tty` names it) and has the size ctr set through ResizePty.
+    assert!(
+        tty.contains("/dev/pts/") && tty.contains("24 80"),
+        "tty exec printed: {tty:?}"
+    );
 
     // ps lists the init and nothing else once the execs are gone.
     let ps = s.ctr_ok(&["tasks", "ps", "d1"]);

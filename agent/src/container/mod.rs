@@ -531,7 +531,24 @@ impl Engine {
         plan.join_root = Some(root_dir.as_raw_fd());
         plan.double_clone = true;
         plan.seccomp = c.seccomp.clone();
-        let (parent_io, child_io) = stdio::make(p.stdin, terminal, spec::console_size(&process))?;
+        // The container's own devpts (its /dev/ptmx), so that `tty` in the exec names its terminal; a
+        // container without one (no /dev/pts mount) gets a terminal from the guest's.
+        let container_ptmx = root.join("dev/ptmx");
+        let ptmx = (terminal && std::fs::metadata(&container_ptmx).is_ok())
+            .then_some(container_ptmx.as_path());
+        let (parent_io, child_io) = match stdio::make_at(
+            p.stdin,
+            terminal,
+            spec::console_size(&process),
+            ptmx,
+        ) {
+            Ok(x) => x,
+            Err(e) if ptmx.is_some() => {
+                tracing::debug!(container = %p.id, error = %e, "no terminal from the container's devpts; using the guest's");
+                stdio::make(p.stdin, terminal, spec::console_size(&process))?
+            }
+            Err(e) => return Err(e),
+        };
         plan.stdio = child_io.raw();
         let oom_adj = process.oom_score_adj();
         let argv0 = process

@@ -61,11 +61,52 @@ fn set_nonblocking(fd: &OwnedFd) -> io::Result<()> {
     Ok(())
 }
 
-/// Creates the stdio of a new process.
+/// A pseudo terminal from a given `ptmx` (a container's own devpts instance, so that the terminal's name
+/// resolves inside the container: `tty` prints `/dev/pts/N` as under runc).
+fn open_pty_at(ptmx: &std::path::Path) -> io::Result<nix::pty::OpenptyResult> {
+    use std::os::unix::fs::OpenOptionsExt;
+    let master: OwnedFd = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .custom_flags(libc::O_NOCTTY | libc::O_CLOEXEC)
+        .open(ptmx)?
+        .into();
+    let unlock: libc::c_int = 0;
+    // SAFETY: TIOCSPTLCK on a ptmx descriptor we own, reading an int we own.
+    if unsafe { libc::ioctl(master.as_raw_fd(), libc::TIOCSPTLCK, &unlock) } < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: TIOCGPTPEER returns a new descriptor for the slave of this master (or -1).
+    let slave = unsafe {
+        libc::ioctl(
+            master.as_raw_fd(),
+            libc::TIOCGPTPEER,
+            libc::O_RDWR | libc::O_NOCTTY | libc::O_CLOEXEC,
+        )
+    };
+    if slave < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: `slave` is a fresh descriptor nobody else owns.
+    let slave = unsafe { <OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(slave) };
+    Ok(nix::pty::OpenptyResult { master, slave })
+}
+
+/// Creates the stdio of a new process. `ptmx`: where to allocate a terminal (default: the guest's own).
 pub(crate) fn make(
     stdin: bool,
     terminal: bool,
     size: Option<(u16, u16)>,
+) -> Result<(ParentStdio, ChildStdio), EngineError> {
+    make_at(stdin, terminal, size, None)
+}
+
+/// [`make`], with a terminal from `ptmx` when given.
+pub(crate) fn make_at(
+    stdin: bool,
+    terminal: bool,
+    size: Option<(u16, u16)>,
+    ptmx: Option<&std::path::Path>,
 ) -> Result<(ParentStdio, ChildStdio), EngineError> {
     let err = |what: &str| {
         let what = what.to_string();
@@ -78,7 +119,19 @@ pub(crate) fn make(
             ws_xpixel: 0,
             ws_ypixel: 0,
         });
-        let pty = nix::pty::openpty(ws.as_ref(), None).map_err(|e| err("openpty")(e.into()))?;
+        let pty = match ptmx {
+            Some(p) => {
+                let pty = open_pty_at(p).map_err(err("ptmx"))?;
+                if let Some(ws) = &ws {
+                    // SAFETY: TIOCSWINSZ on our master, reading a Winsize we own.
+                    if unsafe { libc::ioctl(pty.master.as_raw_fd(), libc::TIOCSWINSZ, ws) } < 0 {
+                        return Err(err("window size")(io::Error::last_os_error()));
+                    }
+                }
+                pty
+            }
+            None => nix::pty::openpty(ws.as_ref(), None).map_err(|e| err("openpty")(e.into()))?,
+        };
         set_cloexec(&pty.master).map_err(err("cloexec"))?;
         set_cloexec(&pty.slave).map_err(err("cloexec"))?;
         let input = pty.master.try_clone().map_err(err("dup"))?;
