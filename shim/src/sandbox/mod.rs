@@ -22,6 +22,11 @@ pub use layout::SandboxDir;
 
 /// How long the guest has to boot and answer the agent's Ping.
 pub const BOOT_TIMEOUT: Duration = Duration::from_secs(120);
+/// Deadline of one agent RPC (WaitProcess and the streams have none). The
+/// client's 10 s default is for an idle local VM; a loaded host (or nested
+/// emulation) can stall a guest for longer than that while it mounts the
+/// share or sets up a container, and a false timeout fails a pod for good.
+pub const AGENT_REQUEST_TIMEOUT: Duration = Duration::from_secs(60);
 /// How long a graceful stop (agent Shutdown) may take before the VMM is killed.
 pub const STOP_GRACE: Duration = Duration::from_secs(10);
 
@@ -209,7 +214,10 @@ impl Sandbox {
             let connect = AgentClient::connect_with_retry(
                 &vsock,
                 husk_proto::AGENT_VSOCK_PORT,
-                ClientOptions::default(),
+                ClientOptions {
+                    request_timeout: AGENT_REQUEST_TIMEOUT,
+                    ..ClientOptions::default()
+                },
                 deadline,
             );
             tokio::select! {
