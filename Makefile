@@ -13,7 +13,7 @@ TESTHOST := tests/testhost/run
 
 # Debian packages the build and the tests need on the host (the L1 test host brings its own).
 APT_PACKAGES := linux-source-6.1 flex bison bc libelf-dev libssl-dev cpio xz-utils gcc libc6-dev make \
-	qemu-system-x86 debootstrap e2fsprogs jq busybox-static libseccomp-dev libcap-ng-dev
+	qemu-system-x86 debootstrap e2fsprogs erofs-utils jq busybox-static libseccomp-dev libcap-ng-dev
 
 # virtiofsd serves virtio-fs shares (vhost-user); built from crates.io once, cached outside the checkout.
 VIRTIOFSD_VERSION := 1.14.0
@@ -41,10 +41,13 @@ agent:
 	RUSTFLAGS='-C target-feature=+crt-static' $(CARGO) build --release --target $(HOST_TARGET) -p husk-agent
 	@file $(AGENT) | grep -qE 'static(-pie)? linked' || { echo "$(AGENT) is not static" >&2; exit 1; }
 
-# Guest kernel and the guest image (agent as /init).
+# Guest kernel and the guest image (agent as /init), twice from the same files: rootfs.erofs, the
+# read-only root on virtio-blk that pods boot from (docs/guest-image.md), and initrd.img, the
+# alternative. Both are rebuilt every time (well under a second; reproducible bytes).
 guest: agent build
 	guest-kernel/build.sh guest build/guest guest-kernel/microvm.config
 	strip -o build/guest/husk-agent $(AGENT)  # symbols would double the guest image
+	$(ROOTFS_BUILDER) erofs --init build/guest/husk-agent --out build/guest/rootfs.erofs
 	$(ROOTFS_BUILDER) initrd --init build/guest/husk-agent --out build/guest/initrd.img
 
 # The vhost-user-fs daemon, copied where the test host (L1) sees it through the project share.
@@ -63,11 +66,14 @@ install: guest virtiofsd
 	install -D -m 0755 $(VMM) $(DESTDIR)$(PREFIX)/bin/husk-vmm
 	install -D -m 0755 $(VIRTIOFSD) $(DESTDIR)$(PREFIX)/libexec/husk/virtiofsd
 	install -D -m 0644 build/guest/vmlinux $(DESTDIR)/usr/share/husk/vmlinux
+	install -D -m 0644 build/guest/rootfs.erofs $(DESTDIR)/usr/share/husk/rootfs.erofs
 	install -D -m 0644 build/guest/initrd.img $(DESTDIR)/usr/share/husk/initrd.img
 	@if [ ! -e $(DESTDIR)/etc/husk/config.toml ]; then \
 		mkdir -p $(DESTDIR)/etc/husk; \
 		printf '%s\n' '# Husk node configuration (docs/shim.md lists every key).' \
-			'kernel = "/usr/share/husk/vmlinux"' 'initrd = "/usr/share/husk/initrd.img"' \
+			'kernel = "/usr/share/husk/vmlinux"' \
+			'# The guest boots from rootfs (read-only erofs disk) when it exists, else from initrd.' \
+			'rootfs = "/usr/share/husk/rootfs.erofs"' 'initrd = "/usr/share/husk/initrd.img"' \
 			'vmm = "$(PREFIX)/bin/husk-vmm"' 'virtiofsd = "$(PREFIX)/libexec/husk/virtiofsd"' \
 			'vcpus = 1' 'memory_mib = 256' > $(DESTDIR)/etc/husk/config.toml; \
 		echo "wrote $(DESTDIR)/etc/husk/config.toml"; \

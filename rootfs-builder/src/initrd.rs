@@ -1,6 +1,5 @@
-//! The guest initramfs: the agent as `/init`, the mount points it needs and `/dev/console` (the kernel
-//! opens it for init's stdio before any devtmpfs exists). Reproducible: fixed owners, times and inode
-//! numbers, entries in a fixed order, so the same agent gives the same bytes.
+//! The guest initramfs: the tree of [`crate::tree`] as a cpio (newc) archive. Reproducible: fixed
+//! owners, times and inode numbers, entries in a fixed order, so the same agent gives the same bytes.
 
 use std::fs::File;
 use std::io::{BufWriter, Read, Write};
@@ -8,8 +7,12 @@ use std::path::{Path, PathBuf};
 
 use cpio::newc::{Builder, ModeFileType};
 
+use crate::tree::{check_executables, guest_entries, Entry, TreeError};
+
 #[derive(Debug, thiserror::Error)]
 pub enum InitrdError {
+    #[error(transparent)]
+    Tree(#[from] TreeError),
     #[error("cannot read {path}: {source}")]
     Read {
         path: PathBuf,
@@ -17,98 +20,11 @@ pub enum InitrdError {
     },
     #[error("{path} is {size} bytes: too large for a cpio newc entry")]
     TooLarge { path: PathBuf, size: u64 },
-    #[error("{path} is not an executable regular file")]
-    NotExecutable { path: PathBuf },
     #[error("cannot write {path}: {source}")]
     Write {
         path: PathBuf,
         source: std::io::Error,
     },
-}
-
-/// One entry of the archive. Paths are relative to the archive root, without a leading slash.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Entry {
-    Dir {
-        path: String,
-        mode: u32,
-    },
-    File {
-        path: String,
-        mode: u32,
-        source: PathBuf,
-    },
-    CharDev {
-        path: String,
-        mode: u32,
-        major: u32,
-        minor: u32,
-    },
-}
-
-/// What the guest image holds: `init` as /init, plus `extra` files as (host path, path in the image);
-/// their parent directories are created.
-pub fn guest_entries(init: &Path, extra: &[(PathBuf, String)]) -> Vec<Entry> {
-    let dir = |p: &str| Entry::Dir {
-        path: p.into(),
-        mode: 0o755,
-    };
-    let mut entries = vec![
-        dir("dev"),
-        Entry::CharDev {
-            path: "dev/console".into(),
-            mode: 0o600,
-            major: 5,
-            minor: 1,
-        },
-        Entry::CharDev {
-            path: "dev/null".into(),
-            mode: 0o666,
-            major: 1,
-            minor: 3,
-        },
-        dir("proc"),
-        dir("sys"),
-        dir("run"),
-        Entry::Dir {
-            path: "tmp".into(),
-            mode: 0o1777,
-        },
-        dir("etc"),
-    ];
-    entries.push(Entry::File {
-        path: "init".into(),
-        mode: 0o755,
-        source: init.to_path_buf(),
-    });
-    for (source, dest) in extra {
-        let dest = dest.trim_start_matches('/');
-        // Parent directories first, each once.
-        let mut parent = String::new();
-        for part in dest
-            .split('/')
-            .collect::<Vec<_>>()
-            .split_last()
-            .map_or(&[][..], |(_, p)| p)
-        {
-            if !parent.is_empty() {
-                parent.push('/');
-            }
-            parent.push_str(part);
-            if !entries
-                .iter()
-                .any(|e| matches!(e, Entry::Dir { path, .. } if *path == parent))
-            {
-                entries.push(dir(&parent));
-            }
-        }
-        entries.push(Entry::File {
-            path: dest.to_string(),
-            mode: 0o755,
-            source: source.clone(),
-        });
-    }
-    entries
 }
 
 /// Writes `entries` as a cpio newc archive.
@@ -184,18 +100,7 @@ pub fn build_guest_initrd(
     extra: &[(PathBuf, String)],
     out: &Path,
 ) -> Result<u64, InitrdError> {
-    use std::os::unix::fs::PermissionsExt;
-    for exe in std::iter::once(init).chain(extra.iter().map(|(p, _)| p.as_path())) {
-        let meta = std::fs::metadata(exe).map_err(|source| InitrdError::Read {
-            path: exe.to_path_buf(),
-            source,
-        })?;
-        if !meta.is_file() || meta.permissions().mode() & 0o111 == 0 {
-            return Err(InitrdError::NotExecutable {
-                path: exe.to_path_buf(),
-            });
-        }
-    }
+    check_executables(init, extra)?;
     let tmp = out.with_extension("tmp");
     let werr = |source| InitrdError::Write {
         path: out.to_path_buf(),
@@ -269,14 +174,14 @@ mod tests {
         let out = d.join("x.img");
         assert!(matches!(
             build_guest_initrd(&d.join("nope"), &[], &out),
-            Err(InitrdError::Read { .. })
+            Err(InitrdError::Tree(TreeError::Read { .. }))
         ));
         let plain = d.join("plain");
         std::fs::write(&plain, b"x").unwrap();
         std::fs::set_permissions(&plain, std::fs::Permissions::from_mode(0o644)).unwrap();
         assert!(matches!(
             build_guest_initrd(&plain, &[], &out),
-            Err(InitrdError::NotExecutable { .. })
+            Err(InitrdError::Tree(TreeError::NotExecutable { .. }))
         ));
         assert!(!out.exists());
         std::fs::remove_dir_all(d).unwrap();

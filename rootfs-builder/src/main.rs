@@ -29,6 +29,19 @@ enum Cmd {
         #[arg(long)]
         out: PathBuf,
     },
+    /// The guest's read-only root, a reproducible erofs image (Debian's mkfs.erofs) with the same files
+    /// as the initrd: boot it with `husk-vmm --rootfs`. Needs root (it stages device nodes).
+    Erofs {
+        /// The program to run as /init: the statically linked husk-agent in production.
+        #[arg(long, visible_alias = "agent")]
+        init: PathBuf,
+        /// An extra executable for the image: HOST_PATH:IMAGE_PATH (repeatable; test images only).
+        #[arg(long = "add", value_parser = parse_add)]
+        add: Vec<(PathBuf, String)>,
+        /// Output file, e.g. build/guest/rootfs.erofs.
+        #[arg(long)]
+        out: PathBuf,
+    },
     /// A busybox OCI image layout archive (uncompressed layer) for `ctr images import`, reproducible.
     OciImage {
         /// A static busybox: /bin/busybox, every applet (`busybox --list`) a hard link to it.
@@ -56,6 +69,19 @@ fn main() -> anyhow::Result<()> {
             let size = husk_rootfs_builder::initrd::build_guest_initrd(&init, &add, &out)?;
             println!(
                 "initrd {} ({} KiB, /init from {})",
+                out.display(),
+                size / 1024,
+                init.display()
+            );
+        }
+        Cmd::Erofs { init, add, out } => {
+            if let Some(dir) = out.parent() {
+                std::fs::create_dir_all(dir)
+                    .with_context(|| format!("creating {}", dir.display()))?;
+            }
+            let size = husk_rootfs_builder::erofs::build_guest_erofs(&init, &add, &out)?;
+            println!(
+                "erofs root {} ({} KiB, /init from {})",
                 out.display(),
                 size / 1024,
                 init.display()
