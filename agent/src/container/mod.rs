@@ -3,7 +3,8 @@
 //! One concept per module: [`spec`] (parsing, validation), [`rootfs`]
 //! (mounts, pivot_root, masked / read-only paths), [`namespaces`], [`user`],
 //! [`capabilities`], [`seccomp`], [`rlimits`], [`cgroups`] (v2 files),
-//! [`process`] (clone + exec with a sync pipe), [`stdio`], [`state`]. This
+//! [`process`] (clone + exec with a sync pipe), [`stdio`], [`console`]
+//! (a terminal from the container's own devpts), [`state`]. This
 //! module ties them together in [`Engine`]; the gRPC layer is in
 //! `crate::service`. Design notes: `docs/agent-container-engine.md`.
 //!
@@ -13,6 +14,7 @@
 
 pub mod capabilities;
 pub mod cgroups;
+pub mod console;
 pub mod devices;
 pub mod namespaces;
 pub mod process;
@@ -36,6 +38,7 @@ use tokio::sync::{broadcast, oneshot, watch};
 
 use crate::reaper::{ExitStatus, Reaper};
 use cgroups::Cgroup;
+use console::ConsoleSocket;
 use process::{ChildFailed, ChildPlan};
 use state::{lock, Container, Exit, ProcessState, Status, Table};
 
@@ -345,15 +348,23 @@ impl Engine {
                 let _ = cg.remove();
             }
         };
-        let (parent_io, child_io) =
-            match stdio::make(p.stdin, terminal, spec::console_size(process)) {
-                Ok(x) => x,
-                Err(e) => {
-                    cleanup_cg(&cgroup);
-                    return Err(e);
-                }
-            };
+        // A terminal comes from the container's own devpts (so that `tty` names it, as under runc) when
+        // the spec mounts one; the child allocates it after pivot_root and sends the master back.
+        let console_size = spec::console_size(process);
+        let stdio = if terminal && mounts_devpts(&spec) {
+            ConsoleSocket::new().and_then(|s| Ok((None, stdio::placeholder()?, Some(s))))
+        } else {
+            stdio::make(p.stdin, terminal, console_size).map(|(pi, ci)| (Some(pi), ci, None))
+        };
+        let (parent_io, child_io, console) = match stdio {
+            Ok(x) => x,
+            Err(e) => {
+                cleanup_cg(&cgroup);
+                return Err(e);
+            }
+        };
         plan.stdio = child_io.raw();
+        plan.console_socket = console.as_ref().map(ConsoleSocket::child_fd);
         let oom_adj = process.oom_score_adj();
         let argv0 = process
             .args()
@@ -380,6 +391,14 @@ impl Engine {
                     Ok(f) => child_error(f, &labels, &argv0),
                     Err(e) => e,
                 });
+            }
+        };
+        let parent_io = match receive_console(parent_io, console, console_size) {
+            Ok(p) => p,
+            Err(e) => {
+                drop(launched.abandon());
+                cleanup_cg(&cgroup);
+                return Err(e);
             }
         };
         let pid = launched.pid;
@@ -531,25 +550,19 @@ impl Engine {
         plan.join_root = Some(root_dir.as_raw_fd());
         plan.double_clone = true;
         plan.seccomp = c.seccomp.clone();
-        // The container's own devpts (its /dev/ptmx), so that `tty` in the exec names its terminal; a
-        // container without one (no /dev/pts mount) gets a terminal from the guest's.
-        let container_ptmx = root.join("dev/ptmx");
-        let ptmx = (terminal && std::fs::metadata(&container_ptmx).is_ok())
-            .then_some(container_ptmx.as_path());
-        let (parent_io, child_io) = match stdio::make_at(
-            p.stdin,
-            terminal,
-            spec::console_size(&process),
-            ptmx,
-        ) {
-            Ok(x) => x,
-            Err(e) if ptmx.is_some() => {
-                tracing::debug!(container = %p.id, error = %e, "no terminal from the container's devpts; using the guest's");
-                stdio::make(p.stdin, terminal, spec::console_size(&process))?
-            }
-            Err(e) => return Err(e),
-        };
+        // The container's own devpts (its /dev/ptmx), so that `tty` in the exec names its terminal; the
+        // child allocates it after its chroot into the container. A container without one (no /dev/pts
+        // mount) gets a terminal from the guest's.
+        let console_size = spec::console_size(&process);
+        let (parent_io, child_io, console) =
+            if terminal && std::fs::metadata(root.join("dev/ptmx")).is_ok() {
+                (None, stdio::placeholder()?, Some(ConsoleSocket::new()?))
+            } else {
+                let (pi, ci) = stdio::make(p.stdin, terminal, console_size)?;
+                (Some(pi), ci, None)
+            };
         plan.stdio = child_io.raw();
+        plan.console_socket = console.as_ref().map(ConsoleSocket::child_fd);
         let oom_adj = process.oom_score_adj();
         let argv0 = process
             .args()
@@ -570,6 +583,13 @@ impl Engine {
             Ok(f) => child_error(f, &[], &argv0),
             Err(e) => e,
         })?;
+        let parent_io = match receive_console(parent_io, console, console_size) {
+            Ok(p) => p,
+            Err(e) => {
+                drop(launched.abandon());
+                return Err(e);
+            }
+        };
         let pid = launched.pid;
         let (pid2, status_rx) = launched.start().map_err(|e| match e {
             Ok(f) => child_error(f, &[], &argv0),
@@ -873,6 +893,29 @@ fn device_rules(
         }
     }
     devices::rules(spec_rules, "linux.resources.devices", &extra)
+}
+
+/// Whether the spec mounts a devpts at /dev/pts (then `/dev/ptmx`, linked to `pts/ptmx`, is the
+/// container's own).
+fn mounts_devpts(spec: &oci_spec::runtime::Spec) -> bool {
+    spec.mounts()
+        .iter()
+        .flatten()
+        .any(|m| m.destination() == Path::new("/dev/pts") && m.typ().as_deref() == Some("devpts"))
+}
+
+/// The agent's stdio ends: `made` (pipes or a guest pty), or the pty master the child sent over
+/// `console` (called once the child reported ready, so it was sent).
+fn receive_console(
+    made: Option<stdio::ParentStdio>,
+    console: Option<ConsoleSocket>,
+    size: Option<(u16, u16)>,
+) -> Result<stdio::ParentStdio, EngineError> {
+    match (made, console) {
+        (Some(p), _) => Ok(p),
+        (None, Some(c)) => stdio::from_pty_master(c.receive()?, size),
+        (None, None) => Err(EngineError::Internal("stdio: neither made nor sent".into())),
+    }
 }
 
 /// Reads memory.events; records and reports a new OOM kill.

@@ -33,6 +33,7 @@ use std::time::{Duration, Instant};
 use tokio::sync::oneshot;
 
 use super::capabilities::{self, CapSets};
+use super::console;
 use super::rlimits::{self, Rlimit};
 use super::rootfs::{self, RootfsPlan};
 use super::{namespaces, seccomp, EngineError};
@@ -66,12 +67,14 @@ pub enum Step {
     Mask,
     ReadonlyPath,
     RootReadonly,
+    Console,
     Hostname,
     Domainname,
     Rlimit,
     Seccomp,
     KeepCaps,
     CapBounding,
+    ChownStdio,
     Setgroups,
     Setgid,
     Setuid,
@@ -108,12 +111,14 @@ const STEPS: &[Step] = &[
     Step::Mask,
     Step::ReadonlyPath,
     Step::RootReadonly,
+    Step::Console,
     Step::Hostname,
     Step::Domainname,
     Step::Rlimit,
     Step::Seccomp,
     Step::KeepCaps,
     Step::CapBounding,
+    Step::ChownStdio,
     Step::Setgroups,
     Step::Setgid,
     Step::Setuid,
@@ -143,6 +148,9 @@ pub struct Fail {
 pub(crate) struct ChildPlan {
     pub stdio: [RawFd; 3],
     pub terminal: bool,
+    /// Allocate the terminal inside the container once its root is set up and send the master over this
+    /// socket ([`console`]); `stdio` is then only what the child holds until then.
+    pub console_socket: Option<RawFd>,
     pub setns: Vec<(RawFd, libc::c_int)>,
     /// Clone once more after setns (to enter a joined pid namespace).
     pub double_clone: bool,
@@ -230,6 +238,11 @@ pub(crate) fn describe(f: &Fail, labels: &[String], argv0: &str) -> String {
                 .map(String::as_str)
                 .unwrap_or("?")
         ),
+        Step::Console => format!(
+            "terminal: {}",
+            console::SUBSTEPS.get(f.item as usize).unwrap_or(&"?")
+        ),
+        Step::ChownStdio => format!("{:?} (fd {})", f.step, f.item),
         _ => format!("{:?}", f.step),
     };
     format!("{what}: {}", std::io::Error::from_raw_os_error(f.errno))
@@ -336,6 +349,7 @@ pub(crate) fn launch(
     keep.extend(plan.stdio);
     keep.extend(plan.setns.iter().map(|(fd, _)| *fd));
     keep.extend(plan.join_root);
+    keep.extend(plan.console_socket);
     keep.sort_unstable();
     keep.dedup();
     plan.keep_fds = keep;
@@ -542,6 +556,36 @@ fn read_byte(fd: RawFd) -> Option<u8> {
     }
 }
 
+/// Gives fds 0-2 to the process's user before it becomes that user, as runc does: its terminal
+/// (`ls -l $(tty)` shows the user; the group, `tty` from devpts' `gid=5`, stays) and pipes
+/// (`/dev/stdout` can be reopened). `/dev/null` is left alone; EPERM / EINVAL (an owner not mapped into a
+/// user namespace) and EROFS are not errors, as in runc.
+fn chown_stdio(uid: u32) -> Result<(), Fail> {
+    let null = libc::makedev(1, 3);
+    for fd in 0..3 {
+        // SAFETY: an all-zero stat is a valid value.
+        let mut st: libc::stat = unsafe { std::mem::zeroed() };
+        // SAFETY: fstat writes into the stat we own.
+        if unsafe { libc::fstat(fd, &mut st) } != 0 {
+            continue; // not open
+        }
+        if st.st_uid == uid || (st.st_mode & libc::S_IFMT == libc::S_IFCHR && st.st_rdev == null) {
+            continue;
+        }
+        // SAFETY: fchown of one of our descriptors; gid -1 keeps the group.
+        if unsafe { libc::fchown(fd, uid, libc::gid_t::MAX) } != 0
+            && !matches!(errno(), libc::EPERM | libc::EINVAL | libc::EROFS)
+        {
+            return Err(Fail {
+                step: Step::ChownStdio,
+                item: fd as u32,
+                errno: errno(),
+            });
+        }
+    }
+    Ok(())
+}
+
 /// Closes every descriptor not in `keep` (sorted).
 fn close_others(keep: &[RawFd]) -> Result<(), Fail> {
     let mut lo: libc::c_uint = 3;
@@ -637,7 +681,7 @@ fn child_setup(p: &ChildPlan) -> Result<(), Fail> {
                 i as u32,
             )?;
         }
-        if p.terminal {
+        if p.terminal && p.console_socket.is_none() {
             chk(
                 libc::ioctl(0, libc::TIOCSCTTY, 0) as libc::c_long,
                 Step::ControllingTty,
@@ -646,6 +690,10 @@ fn child_setup(p: &ChildPlan) -> Result<(), Fail> {
         }
         if let Some(r) = &p.rootfs {
             rootfs::apply(r)?;
+        }
+        // Now `/dev/ptmx` is the container's own (after pivot_root, or the chroot of an exec).
+        if let Some(sock) = p.console_socket {
+            console::setup_in_child(sock)?;
         }
         if let Some(h) = &p.hostname {
             chk(
@@ -692,6 +740,7 @@ fn child_setup(p: &ChildPlan) -> Result<(), Fail> {
             item: cap,
             errno: e,
         })?;
+        chown_stdio(p.uid)?;
         // Raw syscalls: glibc's wrappers would try to sync other threads.
         chk(
             libc::syscall(libc::SYS_setgroups, p.groups.len(), p.groups.as_ptr()),

@@ -61,89 +61,59 @@ fn set_nonblocking(fd: &OwnedFd) -> io::Result<()> {
     Ok(())
 }
 
-/// A pseudo terminal from a given `ptmx` (a container's own devpts instance, so that the terminal's name
-/// resolves inside the container: `tty` prints `/dev/pts/N` as under runc).
-fn open_pty_at(ptmx: &std::path::Path) -> io::Result<nix::pty::OpenptyResult> {
-    use std::os::unix::fs::OpenOptionsExt;
-    let master: OwnedFd = std::fs::OpenOptions::new()
-        .read(true)
-        .write(true)
-        .custom_flags(libc::O_NOCTTY | libc::O_CLOEXEC)
-        .open(ptmx)?
-        .into();
-    let unlock: libc::c_int = 0;
-    // SAFETY: TIOCSPTLCK on a ptmx descriptor we own, reading an int we own.
-    if unsafe { libc::ioctl(master.as_raw_fd(), libc::TIOCSPTLCK, &unlock) } < 0 {
-        return Err(io::Error::last_os_error());
-    }
-    // SAFETY: TIOCGPTPEER returns a new descriptor for the slave of this master (or -1).
-    let slave = unsafe {
-        libc::ioctl(
-            master.as_raw_fd(),
-            libc::TIOCGPTPEER,
-            libc::O_RDWR | libc::O_NOCTTY | libc::O_CLOEXEC,
-        )
+/// The agent's ends of a terminal whose master is `master` (from the guest's devpts, or sent by a
+/// container process that allocated it in its own, see [`super::console`]), with the window size `size`.
+pub(crate) fn from_pty_master(
+    master: OwnedFd,
+    size: Option<(u16, u16)>,
+) -> Result<ParentStdio, EngineError> {
+    let err = |what: &str| {
+        let what = what.to_string();
+        move |e: io::Error| EngineError::Internal(format!("stdio: {what}: {e}"))
     };
-    if slave < 0 {
-        return Err(io::Error::last_os_error());
+    set_cloexec(&master).map_err(err("cloexec"))?;
+    if let Some((rows, cols)) = size {
+        resize(&master, rows, cols).map_err(err("window size"))?;
     }
-    // SAFETY: `slave` is a fresh descriptor nobody else owns.
-    let slave = unsafe { <OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(slave) };
-    Ok(nix::pty::OpenptyResult { master, slave })
+    let input = master.try_clone().map_err(err("dup"))?;
+    let output = master.try_clone().map_err(err("dup"))?;
+    set_nonblocking(&output).map_err(err("nonblock"))?;
+    Ok(ParentStdio {
+        stdin: std::sync::Mutex::new(Some(Arc::new(input))),
+        stdout: Arc::new(Mutex::new(Some(output))),
+        stderr: Arc::new(Mutex::new(None)),
+        pty: Some(master),
+    })
 }
 
-/// Creates the stdio of a new process. `ptmx`: where to allocate a terminal (default: the guest's own).
+/// What a child that allocates its terminal itself holds as fds 0-2 until then: `/dev/null`.
+pub(crate) fn placeholder() -> Result<ChildStdio, EngineError> {
+    let null = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open("/dev/null")
+        .map_err(|e| EngineError::Internal(format!("stdio: /dev/null: {e}")))?;
+    Ok(ChildStdio {
+        fds: vec![OwnedFd::from(null)],
+    })
+}
+
+/// Creates the stdio of a new process: pipes, or a terminal from the guest's devpts.
 pub(crate) fn make(
     stdin: bool,
     terminal: bool,
     size: Option<(u16, u16)>,
-) -> Result<(ParentStdio, ChildStdio), EngineError> {
-    make_at(stdin, terminal, size, None)
-}
-
-/// [`make`], with a terminal from `ptmx` when given.
-pub(crate) fn make_at(
-    stdin: bool,
-    terminal: bool,
-    size: Option<(u16, u16)>,
-    ptmx: Option<&std::path::Path>,
 ) -> Result<(ParentStdio, ChildStdio), EngineError> {
     let err = |what: &str| {
         let what = what.to_string();
         move |e: io::Error| EngineError::Internal(format!("stdio: {what}: {e}"))
     };
     if terminal {
-        let ws = size.map(|(rows, cols)| nix::pty::Winsize {
-            ws_row: rows,
-            ws_col: cols,
-            ws_xpixel: 0,
-            ws_ypixel: 0,
-        });
-        let pty = match ptmx {
-            Some(p) => {
-                let pty = open_pty_at(p).map_err(err("ptmx"))?;
-                if let Some(ws) = &ws {
-                    // SAFETY: TIOCSWINSZ on our master, reading a Winsize we own.
-                    if unsafe { libc::ioctl(pty.master.as_raw_fd(), libc::TIOCSWINSZ, ws) } < 0 {
-                        return Err(err("window size")(io::Error::last_os_error()));
-                    }
-                }
-                pty
-            }
-            None => nix::pty::openpty(ws.as_ref(), None).map_err(|e| err("openpty")(e.into()))?,
-        };
-        set_cloexec(&pty.master).map_err(err("cloexec"))?;
+        let pty = nix::pty::openpty(None, None).map_err(|e| err("openpty")(e.into()))?;
         set_cloexec(&pty.slave).map_err(err("cloexec"))?;
-        let input = pty.master.try_clone().map_err(err("dup"))?;
-        let output = pty.master.try_clone().map_err(err("dup"))?;
-        set_nonblocking(&output).map_err(err("nonblock"))?;
+        let parent = from_pty_master(pty.master, size)?;
         return Ok((
-            ParentStdio {
-                stdin: std::sync::Mutex::new(Some(Arc::new(input))),
-                stdout: Arc::new(Mutex::new(Some(output))),
-                stderr: Arc::new(Mutex::new(None)),
-                pty: Some(pty.master),
-            },
+            parent,
             ChildStdio {
                 fds: vec![pty.slave],
             },

@@ -10,7 +10,7 @@ use serde_json::{json, Value};
 /// Applets linked into the test rootfs.
 pub const APPLETS: &[&str] = &[
     "sh", "id", "grep", "touch", "cat", "mkdir", "hostname", "wc", "ls", "sleep", "true", "false",
-    "echo", "env", "ps", "tty", "stat", "head", "dd", "seq",
+    "echo", "env", "ps", "tty", "stat", "head", "dd", "seq", "stty", "readlink", "tr",
 ];
 
 /// Fails (never skips) when a prerequisite is missing.
