@@ -8,6 +8,7 @@ pub mod control_port;
 pub mod guest_info;
 pub mod init;
 pub mod logging;
+pub mod network;
 pub mod reaper;
 pub mod server;
 pub mod service;

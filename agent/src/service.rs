@@ -13,6 +13,7 @@ use tonic::{Request, Response, Status};
 
 use crate::container::{self, CreateParams, Engine, EngineError, ExecParams};
 use crate::guest_info;
+use crate::network::Network;
 use crate::shutdown::Shutdown;
 use crate::storage::Storage;
 
@@ -42,6 +43,7 @@ pub struct Agent {
     shutdown: Arc<Shutdown>,
     engine: Arc<Engine>,
     storage: Arc<Storage>,
+    network: Arc<Network>,
 }
 
 impl Agent {
@@ -61,6 +63,7 @@ impl Agent {
             shutdown,
             engine,
             storage,
+            network: Arc::new(Network::default()),
         }
     }
 
@@ -360,6 +363,12 @@ impl AgentService for Agent {
         let engine = Arc::clone(&self.engine);
         let id2 = id.clone();
         let s = blocking(move || engine.stats(&id2)).await?;
+        // The pod's interfaces (the guest's network namespace). Their absence
+        // must not hide the cgroup figures.
+        let network = self.network.interface_stats().await.unwrap_or_else(|e| {
+            tracing::warn!("StatsContainer: interface counters: {e}");
+            Vec::new()
+        });
         Ok(Response::new(StatsContainerResponse {
             container_id: id,
             cpu: Some(ContainerCpuStats {
@@ -395,6 +404,7 @@ impl AgentService for Agent {
                     },
                 )
                 .collect(),
+            network,
         }))
     }
 
@@ -427,6 +437,18 @@ impl AgentService for Agent {
         let storage = Arc::clone(&self.storage);
         blocking(move || storage.unmount(&r.target)).await?;
         Ok(Response::new(UnmountStorageResponse {}))
+    }
+
+    async fn setup_network(
+        &self,
+        req: Request<SetupNetworkRequest>,
+    ) -> Result<Response<SetupNetworkResponse>, Status> {
+        let r = req.into_inner();
+        self.network.setup(&r).await.map_err(|e| {
+            tracing::warn!("SetupNetwork: {e}");
+            Status::from(e)
+        })?;
+        Ok(Response::new(SetupNetworkResponse {}))
     }
 
     type OomEventsStream = BoxStream<OomEventsResponse>;

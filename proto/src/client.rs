@@ -46,6 +46,10 @@ use crate::v1::{
 };
 use crate::{is_valid_id, API_VERSION, MAX_MESSAGE_SIZE, MAX_STDIN_CHUNK, MAX_STDIO_CHUNK};
 
+pub use crate::network::{
+    InterfaceConfig, IpNet, MacAddr, NeighborConfig, NetworkConfig, RouteConfig, RouteScope,
+};
+
 /// Longest accepted handshake reply line, including the trailing `\n`.
 pub const HANDSHAKE_MAX_LINE: usize = 64;
 /// Longest accepted `PingResponse.agent_version`, in bytes.
@@ -65,6 +69,8 @@ pub const MAX_LISTED_PIDS: usize = 65536;
 pub const MAX_MEMORY_STAT_KEYS: usize = 128;
 /// Most io.stat devices accepted in a `StatsContainer` reply.
 pub const MAX_IO_DEVICES: usize = 256;
+/// Most network interfaces accepted in a `StatsContainer` reply.
+pub const MAX_NETWORK_INTERFACES: usize = 64;
 /// Largest pid accepted (Linux PID_MAX_LIMIT).
 pub const MAX_PID: u32 = 4 * 1024 * 1024;
 /// Largest exit status accepted (255, or 128 + signal 64).
@@ -1135,6 +1141,20 @@ impl AgentClient {
                 format!("{} devices, limit {MAX_IO_DEVICES}", r.io.len()),
             ));
         }
+        if r.network.len() > MAX_NETWORK_INTERFACES {
+            return Err(self.invalid(
+                M,
+                "network",
+                format!(
+                    "{} interfaces, limit {MAX_NETWORK_INTERFACES}",
+                    r.network.len()
+                ),
+            ));
+        }
+        for n in &r.network {
+            check_text(&n.name, crate::network::MAX_INTERFACE_NAME_LEN, true)
+                .map_err(|reason| self.invalid(M, "network.name", reason))?;
+        }
         Ok(r)
     }
 
@@ -1216,6 +1236,73 @@ impl AgentClient {
             target: target.to_string(),
         };
         self.call(M, async move { c.unmount_storage(req).await })
+            .await
+            .map(|_| ())
+    }
+
+    /// `SetupNetwork`: configures the guest's interfaces (found by MAC),
+    /// routes and neighbours, and writes resolv.conf / hosts to
+    /// [`crate::network::RESOLV_CONF_PATH`] / [`crate::network::HOSTS_PATH`]
+    /// in the guest (for the container specs to bind-mount). Idempotent: call
+    /// it again with the same config after a lost reply.
+    ///
+    /// `config` is validated here first, with the agent's own rules
+    /// ([`NetworkConfig::from_request`]): a bad value is
+    /// [`ClientError::InvalidRequest`] whose `field` is the list it is in
+    /// (`interfaces`, `routes`, `neighbors`, `resolv_conf`, `hosts`) and whose
+    /// reason names the exact field (`routes[1].gateway: ...`). The agent's
+    /// refusals come back as [`ClientError::Rpc`]: `NotFound` for a MAC or a
+    /// device the guest does not have, `InvalidArgument`, `FailedPrecondition`
+    /// or `Internal` (with the step and errno) for what the guest kernel
+    /// refuses.
+    ///
+    /// ```no_run
+    /// # async fn f(client: husk_proto::client::AgentClient) -> Result<(), husk_proto::client::ClientError> {
+    /// use husk_proto::client::{InterfaceConfig, NetworkConfig, RouteConfig, RouteScope};
+    /// let config = NetworkConfig {
+    ///     interfaces: vec![InterfaceConfig {
+    ///         mac: "02:11:22:33:44:55".parse().unwrap(),
+    ///         name: "eth0".into(),
+    ///         mtu: 1500,
+    ///         addresses: vec!["10.88.0.5/16".parse().unwrap()],
+    ///         up: true,
+    ///     }],
+    ///     routes: vec![RouteConfig {
+    ///         destination: husk_proto::client::IpNet::default_route(false),
+    ///         gateway: Some("10.88.0.1".parse().unwrap()),
+    ///         device: "eth0".into(),
+    ///         source: None,
+    ///         scope: RouteScope::Auto,
+    ///     }],
+    ///     resolv_conf: Some(b"nameserver 10.96.0.10\n".to_vec()),
+    ///     ..NetworkConfig::default()
+    /// };
+    /// client.setup_network(&config).await?;
+    /// # Ok(()) }
+    /// ```
+    pub async fn setup_network(&self, config: &NetworkConfig) -> Result<(), ClientError> {
+        const M: &str = "SetupNetwork";
+        let req = config.to_request();
+        // The agent's own validation, on what goes on the wire.
+        crate::network::NetworkConfig::from_request(&req).map_err(|e| {
+            ClientError::InvalidRequest {
+                method: M,
+                field: e.top_level_field(),
+                reason: e.to_string(),
+            }
+        })?;
+        // Unreachable within the caps above; kept so that a raised cap cannot
+        // produce a request the agent's decoder refuses.
+        let len = prost::Message::encoded_len(&req);
+        if len > MAX_MESSAGE_SIZE {
+            return Err(ClientError::InvalidRequest {
+                method: M,
+                field: "request",
+                reason: format!("request of {len} bytes, limit {MAX_MESSAGE_SIZE}"),
+            });
+        }
+        let mut c = self.inner.clone();
+        self.call(M, async move { c.setup_network(req).await })
             .await
             .map(|_| ())
     }
@@ -1572,6 +1659,11 @@ mod e2e_tests {
         list: ListProcessesResponse,
         /// MountStorage / UnmountStorage / UpdateContainer calls received.
         storage_calls: Arc<AtomicUsize>,
+        /// StatsContainer replies with these interfaces (and a sane
+        /// memory.stat) instead of 200 memory.stat keys.
+        network_stats: Option<Vec<NetworkInterfaceStats>>,
+        /// SetupNetwork requests received.
+        network_requests: Arc<Mutex<Vec<SetupNetworkRequest>>>,
     }
 
     impl Default for TestAgent {
@@ -1607,6 +1699,8 @@ mod e2e_tests {
                     pids: vec![42],
                 },
                 storage_calls: Arc::default(),
+                network_stats: None,
+                network_requests: Arc::default(),
             }
         }
     }
@@ -1752,7 +1846,8 @@ mod e2e_tests {
             r: Request<StatsContainerRequest>,
         ) -> Result<Response<StatsContainerResponse>, Status> {
             let mut stat = std::collections::HashMap::new();
-            for i in 0..200 {
+            let keys = if self.network_stats.is_some() { 2 } else { 200 };
+            for i in 0..keys {
                 stat.insert(format!("k{i}"), i);
             }
             Ok(Response::new(StatsContainerResponse {
@@ -1761,6 +1856,7 @@ mod e2e_tests {
                     stat,
                     ..Default::default()
                 }),
+                network: self.network_stats.clone().unwrap_or_default(),
                 ..Default::default()
             }))
         }
@@ -1794,6 +1890,24 @@ mod e2e_tests {
                 return Err(Status::not_found("not mounted by MountStorage"));
             }
             Ok(Response::new(UnmountStorageResponse {}))
+        }
+        async fn setup_network(
+            &self,
+            r: Request<SetupNetworkRequest>,
+        ) -> Result<Response<SetupNetworkResponse>, Status> {
+            let r = r.into_inner();
+            let unknown = r
+                .interfaces
+                .iter()
+                .find(|i| i.mac != "02:11:22:33:44:55")
+                .map(|i| i.mac.clone());
+            self.network_requests.lock().unwrap().push(r);
+            if let Some(mac) = unknown {
+                return Err(Status::not_found(format!(
+                    "interfaces[0].mac: no interface with MAC {mac}"
+                )));
+            }
+            Ok(Response::new(SetupNetworkResponse {}))
         }
         type OomEventsStream =
             Pin<Box<dyn tokio_stream::Stream<Item = Result<OomEventsResponse, Status>> + Send>>;
@@ -2234,6 +2348,154 @@ mod e2e_tests {
         );
         let e = c.update_container("c2", b"{}".to_vec()).await.unwrap_err();
         assert!(e.to_string().contains("NotFound"), "{e}");
+    }
+
+    fn network_config() -> NetworkConfig {
+        NetworkConfig {
+            interfaces: vec![InterfaceConfig {
+                mac: "02:11:22:33:44:55".parse().unwrap(),
+                name: "eth0".into(),
+                mtu: 1400,
+                addresses: vec![
+                    "10.77.0.2/24".parse().unwrap(),
+                    "fd00:77::2/64".parse().unwrap(),
+                ],
+                up: true,
+            }],
+            routes: vec![RouteConfig {
+                destination: IpNet::default_route(false),
+                gateway: Some("10.77.0.1".parse().unwrap()),
+                device: "eth0".into(),
+                source: None,
+                scope: RouteScope::Auto,
+            }],
+            neighbors: vec![NeighborConfig {
+                ip: "10.77.0.1".parse().unwrap(),
+                mac: "02:00:00:00:00:01".parse().unwrap(),
+                device: "eth0".into(),
+            }],
+            resolv_conf: Some(b"nameserver 10.77.0.1\n".to_vec()),
+            hosts: None,
+        }
+    }
+
+    #[tokio::test]
+    async fn setup_network_is_validated_before_sending() {
+        let agent = TestAgent::default();
+        let sent = Arc::clone(&agent.network_requests);
+        let (_dir, proxy) = setup(agent).await;
+        let c = AgentClient::connect_hybrid(proxy.path(), 1024, fast_opts())
+            .await
+            .unwrap();
+        let good = network_config();
+        c.setup_network(&good).await.unwrap();
+        {
+            let sent = sent.lock().unwrap();
+            assert_eq!(sent.len(), 1);
+            let r = &sent[0];
+            assert_eq!(r.interfaces[0].mac, "02:11:22:33:44:55");
+            assert_eq!(r.interfaces[0].addresses, ["10.77.0.2/24", "fd00:77::2/64"]);
+            assert_eq!(r.routes[0].destination, "0.0.0.0/0");
+            assert_eq!(r.routes[0].gateway, "10.77.0.1");
+            assert_eq!(r.neighbors[0].mac, "02:00:00:00:00:01");
+            assert_eq!(
+                r.resolv_conf.as_deref(),
+                Some(&b"nameserver 10.77.0.1\n"[..])
+            );
+            assert_eq!(r.hosts, None, "absent stays absent");
+        }
+        // Refused locally, never sent; the reason names the exact field.
+        let refused = |e: ClientError| match e {
+            ClientError::InvalidRequest { field, reason, .. } => (field, reason),
+            e => panic!("not an InvalidRequest: {e}"),
+        };
+        let mut bad = good.clone();
+        bad.interfaces[0].mtu = 100;
+        let (f, why) = refused(c.setup_network(&bad).await.unwrap_err());
+        assert_eq!(f, "interfaces");
+        assert!(
+            why.starts_with("interfaces[0].mtu: 100 not in 1280"),
+            "{why}"
+        );
+        let mut bad = good.clone();
+        bad.routes[0].destination = "10.1.0.1/16".parse().unwrap();
+        let (f, why) = refused(c.setup_network(&bad).await.unwrap_err());
+        assert_eq!(f, "routes");
+        assert!(why.starts_with("routes[0].destination:"), "{why}");
+        let mut bad = good.clone();
+        bad.routes[0].gateway = Some("fd00::1".parse().unwrap());
+        let (f, why) = refused(c.setup_network(&bad).await.unwrap_err());
+        assert!(
+            f == "routes" && why.starts_with("routes[0].gateway:"),
+            "{why}"
+        );
+        let mut bad = good.clone();
+        bad.neighbors[0].device = "bad/name".into();
+        let (f, _) = refused(c.setup_network(&bad).await.unwrap_err());
+        assert_eq!(f, "neighbors");
+        let mut bad = good.clone();
+        bad.routes = vec![good.routes[0].clone(); crate::network::MAX_ROUTES + 1];
+        let (f, why) = refused(c.setup_network(&bad).await.unwrap_err());
+        assert!(f == "routes" && why.contains("257 entries"), "{why}");
+        let mut bad = good.clone();
+        bad.hosts = Some(vec![b'#'; crate::network::MAX_NETWORK_FILE_SIZE + 1]);
+        let (f, _) = refused(c.setup_network(&bad).await.unwrap_err());
+        assert_eq!(f, "hosts");
+        assert_eq!(sent.lock().unwrap().len(), 1, "nothing more was sent");
+        // The agent's NotFound comes back with its code.
+        let mut other = good.clone();
+        other.interfaces[0].mac = "02:99:99:99:99:99".parse().unwrap();
+        let e = c.setup_network(&other).await.unwrap_err();
+        assert!(
+            matches!(
+                e,
+                ClientError::Rpc {
+                    code: tonic::Code::NotFound,
+                    ..
+                }
+            ),
+            "{e}"
+        );
+        assert!(e.to_string().contains("02:99:99:99:99:99"), "{e}");
+    }
+
+    #[tokio::test]
+    async fn stats_network_interfaces_are_validated() {
+        let iface = |name: &str| NetworkInterfaceStats {
+            name: name.into(),
+            rx_bytes: 1000,
+            tx_packets: 7,
+            ..Default::default()
+        };
+        async fn stats(
+            network: Vec<NetworkInterfaceStats>,
+        ) -> Result<StatsContainerResponse, ClientError> {
+            let (_dir, proxy) = setup(TestAgent {
+                network_stats: Some(network),
+                ..TestAgent::default()
+            })
+            .await;
+            let c = AgentClient::connect_hybrid(proxy.path(), 1024, fast_opts())
+                .await
+                .unwrap();
+            c.stats_container("c1").await
+        }
+        let r = stats(vec![iface("eth0"), iface("eth1")]).await.unwrap();
+        assert_eq!(r.network.len(), 2);
+        assert_eq!(r.network[0].name, "eth0");
+        assert_eq!(r.network[0].rx_bytes, 1000);
+        let e = stats(vec![iface("eth0"); MAX_NETWORK_INTERFACES + 1])
+            .await
+            .unwrap_err();
+        assert!(e.to_string().contains("network: 65 interfaces"), "{e}");
+        let e = stats(vec![iface("")]).await.unwrap_err();
+        assert!(e.to_string().contains("network.name: empty"), "{e}");
+        let e = stats(vec![iface("a-very-long-interface-name")])
+            .await
+            .unwrap_err();
+        assert!(e.to_string().contains("network.name: 26 bytes"), "{e}");
+        let e = stats(vec![iface("eth\u{1b}[2J")]).await.unwrap_err();
+        assert!(e.to_string().contains("control character"), "{e}");
     }
 
     #[tokio::test]

@@ -25,6 +25,7 @@ pub mod v1 {
 #[cfg(feature = "client")]
 pub mod client;
 
+pub mod network;
 pub mod storage;
 
 #[cfg(feature = "test-util")]
