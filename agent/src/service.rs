@@ -593,4 +593,48 @@ mod tests {
             .unwrap_err();
         assert!(e.message().starts_with("container_id:"), "{e}");
     }
+
+    #[tokio::test]
+    async fn setup_network_refuses_bad_requests_before_touching_anything() {
+        let reaper = Reaper::new();
+        let engine = Engine::new(container::EngineConfig::default(), Arc::clone(&reaper));
+        let agent = Agent::new(Shutdown::new(Mode::ExitProcess, reaper), engine);
+        let iface = |addr: &str| NetworkInterface {
+            mac: "02:11:22:33:44:55".into(),
+            addresses: vec![addr.into()],
+            up: true,
+            ..Default::default()
+        };
+        let req = |interfaces, routes| SetupNetworkRequest {
+            interfaces,
+            routes,
+            ..Default::default()
+        };
+        let e = agent
+            .setup_network(Request::new(req(vec![iface("10.0.0.2/40")], vec![])))
+            .await
+            .unwrap_err();
+        assert_eq!(e.code(), tonic::Code::InvalidArgument);
+        assert!(
+            e.message().starts_with("interfaces[0].addresses[0]:"),
+            "{e}"
+        );
+        let route = NetworkRoute {
+            destination: "10.1.0.0/16".into(),
+            gateway: "fd00::1".into(),
+            ..Default::default()
+        };
+        let e = agent
+            .setup_network(Request::new(req(vec![], vec![route])))
+            .await
+            .unwrap_err();
+        assert_eq!(e.code(), tonic::Code::InvalidArgument);
+        assert!(e.message().starts_with("routes[0].gateway:"), "{e}");
+        let e = agent
+            .setup_network(Request::new(req(vec![iface("10.0.0.2/24"); 17], vec![])))
+            .await
+            .unwrap_err();
+        assert_eq!(e.code(), tonic::Code::InvalidArgument);
+        assert!(e.message().starts_with("interfaces: 17 entries"), "{e}");
+    }
 }
