@@ -386,7 +386,8 @@ async fn scenarios(c: AgentClient) {
         &[
             "sh",
             "-c",
-            "[ -t 0 ] && [ -t 1 ] && [ -t 2 ] && echo is-a-tty; stty size; echo tty=$(tty)",
+            "[ -t 0 ] && [ -t 1 ] && [ -t 2 ] && echo is-a-tty; stty size; echo tty=$(tty); \
+             echo fd0=$(readlink /proc/self/fd/0); echo pts=$(ls /dev/pts)",
         ],
     );
     s["process"]["terminal"] = json!(true);
@@ -407,6 +408,24 @@ async fn scenarios(c: AgentClient) {
         "a tty (with its \\r\\n): {out:?}"
     );
     assert!(out.contains("40 100"), "{out:?}");
+    // The terminal is the container's own (its devpts, as under runc): `tty` names it, stdin is it, and
+    // it exists in the container's /dev/pts.
+    let field = |key: &str| {
+        out.lines()
+            .find_map(|l| l.trim_end_matches('\r').strip_prefix(key))
+            .unwrap_or_else(|| panic!("no {key} in {out:?}"))
+            .to_string()
+    };
+    let tty = field("tty=");
+    let n = tty
+        .strip_prefix("/dev/pts/")
+        .filter(|n| n.parse::<u32>().is_ok())
+        .unwrap_or_else(|| panic!("tty names /dev/pts/N: {out:?}"));
+    assert_eq!(field("fd0="), tty, "{out:?}");
+    assert!(
+        field("pts=").split(' ').any(|p| p == n),
+        "{tty} in the container's /dev/pts: {out:?}"
+    );
     eprintln!("tty scenario output: {out:?}");
     pod.remove("tty").await;
 
