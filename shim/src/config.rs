@@ -3,7 +3,8 @@
 //!
 //! ```toml
 //! kernel = "/usr/share/husk/vmlinux"        # guest kernel (vmlinux or bzImage)
-//! initrd = "/usr/share/husk/initrd.img"     # guest image with husk-agent as /init
+//! rootfs = "/usr/share/husk/rootfs.erofs"   # guest root, a read-only erofs disk with husk-agent as /init
+//! initrd = "/usr/share/husk/initrd.img"     # the alternative: the same files as an initrd
 //! vmm = "/usr/bin/husk-vmm"                  # default: next to the shim binary
 //! virtiofsd = "/usr/libexec/husk/virtiofsd"  # default: next to the shim binary
 //! vcpus = 1
@@ -15,7 +16,10 @@
 //! allowed_annotations = ["vcpus", "memory_mib"]
 //! ```
 //!
-//! Paths (kernel, initrd, vmm, virtiofsd, state_dir) are host paths chosen by the node's administrator; they
+//! The guest boots from `rootfs` when that file exists (`husk-vmm --rootfs`: `/dev/vda`, read-only), else
+//! from `initrd` (docs/guest-image.md); `rootfs = ""` turns the disk off, `initrd = ""` the fallback.
+//!
+//! Paths (kernel, rootfs, initrd, vmm, virtiofsd, state_dir) are host paths chosen by the node's administrator; they
 //! can be made overridable by listing them in `allowed_annotations`, but a pod author who can pick the kernel
 //! or the VMM binary owns the node, so the default list has only sizes and the debug console.
 
@@ -51,6 +55,44 @@ pub enum ConfigError {
     Annotation { annotation: String, reason: String },
     #[error("configuration key {key}: {reason}")]
     Invalid { key: &'static str, reason: String },
+    #[error(
+        "no guest image: neither rootfs {rootfs:?} nor initrd {initrd:?} is a file (run 'make install', \
+         or set rootfs or initrd in the Husk configuration)"
+    )]
+    NoGuestImage { rootfs: PathBuf, initrd: PathBuf },
+}
+
+/// What the guest boots from, as the VMM is told.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum GuestImage {
+    /// A read-only root disk (erofs): `husk-vmm --rootfs`.
+    Rootfs(PathBuf),
+    /// An initramfs: `husk-vmm --initrd`.
+    Initrd(PathBuf),
+}
+
+impl GuestImage {
+    /// The husk-vmm option that takes [`Self::path`].
+    pub fn vmm_flag(&self) -> &'static str {
+        match self {
+            GuestImage::Rootfs(_) => "--rootfs",
+            GuestImage::Initrd(_) => "--initrd",
+        }
+    }
+
+    pub fn path(&self) -> &Path {
+        match self {
+            GuestImage::Rootfs(p) | GuestImage::Initrd(p) => p,
+        }
+    }
+
+    /// For error messages.
+    pub fn what(&self) -> &'static str {
+        match self {
+            GuestImage::Rootfs(_) => "guest image (rootfs)",
+            GuestImage::Initrd(_) => "guest image (initrd)",
+        }
+    }
 }
 
 /// The effective configuration of one pod VM.
@@ -58,6 +100,9 @@ pub enum ConfigError {
 #[serde(deny_unknown_fields, default)]
 pub struct ShimConfig {
     pub kernel: PathBuf,
+    /// The read-only root image; empty: not used.
+    pub rootfs: PathBuf,
+    /// The initrd, used when `rootfs` is empty or missing; empty: not used.
     pub initrd: PathBuf,
     pub vmm: Option<PathBuf>,
     pub virtiofsd: Option<PathBuf>,
@@ -73,6 +118,7 @@ impl Default for ShimConfig {
     fn default() -> Self {
         Self {
             kernel: "/usr/share/husk/vmlinux".into(),
+            rootfs: "/usr/share/husk/rootfs.erofs".into(),
             initrd: "/usr/share/husk/initrd.img".into(),
             vmm: None,
             virtiofsd: None,
@@ -90,6 +136,7 @@ impl Default for ShimConfig {
 /// Every key of [`ShimConfig`] an annotation could name.
 const KEYS: &[&str] = &[
     "kernel",
+    "rootfs",
     "initrd",
     "vmm",
     "virtiofsd",
@@ -151,9 +198,19 @@ impl ShimConfig {
                 ),
             });
         }
+        if self.rootfs.as_os_str().is_empty() && self.initrd.as_os_str().is_empty() {
+            return Err(ConfigError::Invalid {
+                key: "rootfs",
+                reason: "rootfs and initrd are both empty: the guest needs one of them".into(),
+            });
+        }
+        fn set(p: &PathBuf) -> Option<&PathBuf> {
+            (!p.as_os_str().is_empty()).then_some(p)
+        }
         for (key, p) in [
             ("kernel", Some(&self.kernel)),
-            ("initrd", Some(&self.initrd)),
+            ("rootfs", set(&self.rootfs)),
+            ("initrd", set(&self.initrd)),
             ("vmm", self.vmm.as_ref()),
             ("virtiofsd", self.virtiofsd.as_ref()),
             ("state_dir", Some(&self.state_dir)),
@@ -225,6 +282,7 @@ impl ShimConfig {
             };
             match key {
                 "kernel" => cfg.kernel = path()?,
+                "rootfs" => cfg.rootfs = path()?,
                 "initrd" => cfg.initrd = path()?,
                 "vmm" => cfg.vmm = Some(path()?),
                 "virtiofsd" => cfg.virtiofsd = Some(path()?),
@@ -252,6 +310,22 @@ impl ShimConfig {
             reason: e.to_string(),
         })?;
         Ok(cfg)
+    }
+
+    /// What the pod VM boots from: `rootfs` if it is set and a file, else `initrd` if it is set and a
+    /// file. Checked when a VM starts (not at load: cleanup must work on a node whose images are gone).
+    pub fn guest_image(&self) -> Result<GuestImage, ConfigError> {
+        let file = |p: &PathBuf| !p.as_os_str().is_empty() && p.is_file();
+        if file(&self.rootfs) {
+            return Ok(GuestImage::Rootfs(self.rootfs.clone()));
+        }
+        if file(&self.initrd) {
+            return Ok(GuestImage::Initrd(self.initrd.clone()));
+        }
+        Err(ConfigError::NoGuestImage {
+            rootfs: self.rootfs.clone(),
+            initrd: self.initrd.clone(),
+        })
     }
 
     /// The VMM binary: configured, else `husk-vmm` next to the shim.
@@ -311,6 +385,8 @@ mod tests {
             ("vcpus = 0", "vcpus"),
             ("memory_mib = 1", "memory_mib"),
             ("kernel = \"rel/k\"", "absolute"),
+            ("rootfs = \"r.erofs\"", "absolute"),
+            ("rootfs = \"\"\ninitrd = \"\"", "both empty"),
             ("allowed_annotations = [\"nope\"]", "allowed_annotations"),
             ("vcpus = \"two\"", "c.toml"),
         ] {
@@ -318,6 +394,57 @@ mod tests {
             let e = ShimConfig::load(&p, true).unwrap_err().to_string();
             assert!(e.contains(needle), "{bad}: {e}");
         }
+    }
+
+    #[test]
+    fn guest_image_prefers_the_rootfs_and_names_both_paths_when_neither_exists() {
+        let dir = tempfile::tempdir().unwrap();
+        let (rootfs, initrd) = (
+            dir.path().join("rootfs.erofs"),
+            dir.path().join("initrd.img"),
+        );
+        let cfg = ShimConfig {
+            rootfs: rootfs.clone(),
+            initrd: initrd.clone(),
+            ..ShimConfig::default()
+        };
+        let e = cfg.guest_image().unwrap_err().to_string();
+        assert!(
+            e.contains(rootfs.to_str().unwrap()) && e.contains(initrd.to_str().unwrap()),
+            "{e}"
+        );
+        std::fs::write(&initrd, b"cpio").unwrap();
+        assert_eq!(
+            cfg.guest_image().unwrap(),
+            GuestImage::Initrd(initrd.clone())
+        );
+        std::fs::write(&rootfs, b"erofs").unwrap();
+        let image = cfg.guest_image().unwrap();
+        assert_eq!(image, GuestImage::Rootfs(rootfs.clone()));
+        assert_eq!(
+            (image.vmm_flag(), image.path()),
+            ("--rootfs", rootfs.as_path())
+        );
+        // An empty rootfs turns the disk off even when the file exists.
+        let initrd_only = ShimConfig {
+            rootfs: PathBuf::new(),
+            ..cfg.clone()
+        };
+        let image = initrd_only.guest_image().unwrap();
+        assert_eq!(
+            (image.vmm_flag(), image.path()),
+            ("--initrd", initrd.as_path())
+        );
+        // A directory is not an image.
+        let not_files = ShimConfig {
+            rootfs: dir.path().into(),
+            initrd: PathBuf::new(),
+            ..cfg
+        };
+        assert!(matches!(
+            not_files.guest_image(),
+            Err(ConfigError::NoGuestImage { .. })
+        ));
     }
 
     #[test]
@@ -333,6 +460,7 @@ mod tests {
         assert_eq!((cfg.vcpus, cfg.memory_mib), (2, 1024));
         for (k, v, needle) in [
             ("io.husk.config.kernel", "/evil", "not allowed"),
+            ("io.husk.config.rootfs", "/evil.erofs", "not allowed"),
             ("io.husk.config.cpus", "2", "unknown key"),
             ("io.husk.config.vcpus", "lots", "not a number"),
             ("io.husk.config.vcpus", "999", "vcpus"),

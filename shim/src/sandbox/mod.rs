@@ -16,7 +16,7 @@ use husk_proto::client::{AgentClient, ClientError, ClientOptions, MountStorage};
 use tokio::process::{Child, Command};
 use tokio::sync::watch;
 
-use crate::config::ShimConfig;
+use crate::config::{ConfigError, ShimConfig};
 use crate::host_mount::{self, MountError};
 pub use layout::SandboxDir;
 
@@ -39,6 +39,12 @@ pub enum SandboxError {
         path: PathBuf,
         #[source]
         source: std::io::Error,
+    },
+    #[error("pod {sandbox}: {source}")]
+    GuestImage {
+        sandbox: String,
+        #[source]
+        source: ConfigError,
     },
     #[error("pod {sandbox}: preparing {path}: {source}")]
     StateDir {
@@ -160,7 +166,14 @@ impl Sandbox {
         let vmm = config.vmm_path();
         let virtiofsd = config.virtiofsd_path();
         check_readable(id, "guest kernel", &config.kernel)?;
-        check_readable(id, "guest image (initrd)", &config.initrd)?;
+        // Resolved again when the VMM is spawned; checked here to fail before anything is started.
+        let image = config
+            .guest_image()
+            .map_err(|source| SandboxError::GuestImage {
+                sandbox: id.into(),
+                source,
+            })?;
+        check_readable(id, image.what(), image.path())?;
         check_readable(id, "VMM binary", &vmm)?;
         check_readable(id, "virtiofsd binary", &virtiofsd)?;
 
@@ -352,11 +365,19 @@ impl Sandbox {
             path: dir.vmm_log(),
             source,
         })?;
+        // The read-only erofs root when the node has it (`--rootfs`: /dev/vda), else the initrd.
+        let image = config
+            .guest_image()
+            .map_err(|source| SandboxError::GuestImage {
+                sandbox: id.into(),
+                source,
+            })?;
+        tracing::info!(sandbox = id, image = %image.path().display(), how = image.vmm_flag(), "guest image");
         let mut cmd = Command::new(bin);
         cmd.arg("--kernel")
             .arg(&config.kernel)
-            .arg("--initrd")
-            .arg(&config.initrd)
+            .arg(image.vmm_flag())
+            .arg(image.path())
             .arg("--vcpus")
             .arg(config.vcpus.to_string())
             .arg("--mem-mib")
