@@ -111,7 +111,7 @@ fn run_tty(
 /// What the scripts print about their terminal, one `key=value` per line.
 const PROBE: &str = "t=$(tty); echo tty=$t; [ -t 0 ] && [ -t 1 ] && [ -t 2 ] && echo is-a-tty; \
     echo fd0=$(readlink /proc/self/fd/0); echo size=$(stty size); echo pts=$(ls /dev/pts | tr '\\n' ' '); \
-    echo owner=$(stat -c %u:%g $t)";
+    echo owner=$(stat -c %u:%g $t); echo dev=$(stat -c %t:%T $t); echo console=$(stat -c %t:%T /dev/console)";
 
 fn value<'a>(out: &'a str, key: &str) -> &'a str {
     out.lines()
@@ -155,6 +155,8 @@ fn init_terminal_is_the_containers_own_pts() {
         "40 100",
         "ResizePty before start: {out:?}"
     );
+    // runc bind-mounts the init's pty on /dev/console.
+    assert_eq!(value(&out, "console"), value(&out, "dev"), "{out:?}");
     // Root's terminal, group tty from devpts' gid=5 (oci-spec's default mount options, as runc's).
     assert_eq!(value(&out, "owner"), "0:5", "{out:?}");
 }

@@ -387,7 +387,8 @@ async fn scenarios(c: AgentClient) {
             "sh",
             "-c",
             "[ -t 0 ] && [ -t 1 ] && [ -t 2 ] && echo is-a-tty; stty size; echo tty=$(tty); \
-             echo fd0=$(readlink /proc/self/fd/0); echo pts=$(ls /dev/pts)",
+             echo fd0=$(readlink /proc/self/fd/0); echo pts=$(ls /dev/pts); \
+             echo dev=$(stat -c %t:%T $(tty)); echo console=$(stat -c %t:%T /dev/console)",
         ],
     );
     s["process"]["terminal"] = json!(true);
@@ -425,6 +426,11 @@ async fn scenarios(c: AgentClient) {
     assert!(
         field("pts=").split(' ').any(|p| p == n),
         "{tty} in the container's /dev/pts: {out:?}"
+    );
+    assert_eq!(
+        field("console="),
+        field("dev="),
+        "the pty on /dev/console, as runc: {out:?}"
     );
     eprintln!("tty scenario output: {out:?}");
     pod.remove("tty").await;

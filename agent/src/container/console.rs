@@ -33,6 +33,9 @@ pub(crate) const SUBSTEPS: &[&str] = &[
     "send the pty master to the agent",
     "make the pty its stdio",
     "make the pty its controlling terminal",
+    "get the pty's number",
+    "create /dev/console",
+    "bind-mount the pty on /dev/console",
 ];
 
 /// The agent's end and the child's end of the socketpair that carries the
@@ -148,13 +151,36 @@ unsafe fn send_fd(sock: RawFd, fd: RawFd) -> libc::ssize_t {
     }
 }
 
+/// `/dev/pts/<n>` as a C string in `buf` (no allocation).
+fn pts_path(n: u32, buf: &mut [u8; 24]) -> *const libc::c_char {
+    const PREFIX: &[u8] = b"/dev/pts/";
+    buf[..PREFIX.len()].copy_from_slice(PREFIX);
+    let mut digits = [0u8; 10];
+    let (mut len, mut v) = (0, n);
+    loop {
+        digits[len] = b'0' + (v % 10) as u8;
+        len += 1;
+        v /= 10;
+        if v == 0 {
+            break;
+        }
+    }
+    for i in 0..len {
+        buf[PREFIX.len() + i] = digits[len - 1 - i];
+    }
+    buf[PREFIX.len() + len] = 0;
+    buf.as_ptr().cast()
+}
+
 /// In the child, with the container's root as `/`: allocates the terminal
 /// from `/dev/ptmx`, sends the master over `sock`, and makes the peer fds
 /// 0, 1, 2 and the controlling terminal (the child is a session leader).
+/// For a container's init (`bind_console`), the pty is also bind-mounted on
+/// `/dev/console`, as runc does.
 ///
 /// # Safety
 /// Single-threaded child after `clone`; `sock` is open.
-pub(crate) unsafe fn setup_in_child(sock: RawFd) -> Result<(), Fail> {
+pub(crate) unsafe fn setup_in_child(sock: RawFd, bind_console: bool) -> Result<(), Fail> {
     // SAFETY (whole function): raw syscalls on descriptors this child owns.
     unsafe {
         let master = libc::open(
@@ -176,6 +202,10 @@ pub(crate) unsafe fn setup_in_child(sock: RawFd) -> Result<(), Fail> {
         if peer < 0 {
             return Err(fail(2));
         }
+        let mut n: libc::c_uint = 0;
+        if libc::ioctl(master, libc::TIOCGPTN, &mut n) < 0 {
+            return Err(fail(6));
+        }
         if send_fd(sock, master) != 1 {
             return Err(fail(3));
         }
@@ -192,6 +222,55 @@ pub(crate) unsafe fn setup_in_child(sock: RawFd) -> Result<(), Fail> {
         if libc::ioctl(0, libc::TIOCSCTTY, 0) < 0 {
             return Err(fail(5));
         }
+        if bind_console {
+            // A bind-mount target; an existing node is only opened (O_NOCTTY: it must not become ours).
+            let fd = libc::open(
+                c"/dev/console".as_ptr(),
+                libc::O_CREAT | libc::O_RDONLY | libc::O_NOCTTY | libc::O_CLOEXEC,
+                0o600,
+            );
+            if fd < 0 {
+                return Err(fail(7));
+            }
+            libc::close(fd);
+            let mut buf = [0u8; 24];
+            if libc::mount(
+                pts_path(n, &mut buf),
+                c"/dev/console".as_ptr(),
+                std::ptr::null(),
+                libc::MS_BIND,
+                std::ptr::null(),
+            ) < 0
+            {
+                return Err(fail(8));
+            }
+        }
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn pts_path_is_a_c_string() {
+        let mut buf = [0xffu8; 24];
+        for (n, want) in [
+            (0, "/dev/pts/0"),
+            (7, "/dev/pts/7"),
+            (1048575, "/dev/pts/1048575"),
+        ] {
+            let p = pts_path(n, &mut buf);
+            // SAFETY: pts_path wrote a NUL-terminated string into `buf`.
+            let got = unsafe { std::ffi::CStr::from_ptr(p) };
+            assert_eq!(got.to_str().unwrap(), want);
+        }
+        let p = pts_path(u32::MAX, &mut buf);
+        // SAFETY: as above.
+        assert_eq!(
+            unsafe { std::ffi::CStr::from_ptr(p) }.to_str().unwrap(),
+            "/dev/pts/4294967295"
+        );
+    }
 }

@@ -693,7 +693,8 @@ fn child_setup(p: &ChildPlan) -> Result<(), Fail> {
         }
         // Now `/dev/ptmx` is the container's own (after pivot_root, or the chroot of an exec).
         if let Some(sock) = p.console_socket {
-            console::setup_in_child(sock)?;
+            // Only a container's init (it sets up the root) gets /dev/console, as under runc.
+            console::setup_in_child(sock, p.rootfs.is_some())?;
         }
         if let Some(h) = &p.hostname {
             chk(
