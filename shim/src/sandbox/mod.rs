@@ -6,6 +6,7 @@
 
 pub mod layout;
 pub mod leftovers;
+pub mod network;
 
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
@@ -19,6 +20,7 @@ use tokio::sync::watch;
 use crate::config::{ConfigError, ShimConfig};
 use crate::host_mount::{self, MountError};
 pub use layout::SandboxDir;
+use network::{NetworkError, PodNetwork};
 
 /// How long the guest has to boot and answer the agent's Ping.
 pub const BOOT_TIMEOUT: Duration = Duration::from_secs(120);
@@ -88,6 +90,18 @@ pub enum SandboxError {
         log: String,
         console: String,
     },
+    #[error("pod {sandbox}: pod network: {source}")]
+    Network {
+        sandbox: String,
+        #[source]
+        source: Box<NetworkError>,
+    },
+    #[error("pod {sandbox}: configuring the network in the guest: {source}")]
+    GuestNetwork {
+        sandbox: String,
+        #[source]
+        source: Box<ClientError>,
+    },
     #[error("pod {sandbox}: mounting the share in the guest: {source}")]
     GuestShare {
         sandbox: String,
@@ -113,6 +127,8 @@ pub struct Sandbox {
     pub config: ShimConfig,
     exit: watch::Receiver<Option<VmExit>>,
     virtiofsd: Mutex<Option<Child>>,
+    /// The pod network carried into the VM, if the pod has one.
+    network: Option<PodNetwork>,
 }
 
 impl std::fmt::Debug for Sandbox {
@@ -162,7 +178,13 @@ fn log_file(sandbox: &str, path: &Path) -> Result<std::fs::File, SandboxError> {
 
 impl Sandbox {
     /// Boots a pod VM and waits until its agent answers and has mounted the share.
-    pub async fn start(id: &str, config: &ShimConfig) -> Result<Sandbox, SandboxError> {
+    ///
+    /// `netns`: the pod's network namespace; its interfaces become the VM's (see [`network`]).
+    pub async fn start(
+        id: &str,
+        config: &ShimConfig,
+        netns: Option<&Path>,
+    ) -> Result<Sandbox, SandboxError> {
         let vmm = config.vmm_path();
         let virtiofsd = config.virtiofsd_path();
         check_readable(id, "guest kernel", &config.kernel)?;
@@ -211,7 +233,35 @@ impl Sandbox {
         let mut fsd = Self::spawn_virtiofsd(id, &dir, &virtiofsd)
             .await
             .map_err(fail)?;
-        let mut vm = match Self::spawn_vmm(id, &dir, config, &vmm) {
+        let network = match netns {
+            Some(ns) => {
+                let ns = ns.to_path_buf();
+                let scan = tokio::task::spawn_blocking(move || PodNetwork::scan(&ns))
+                    .await
+                    .unwrap_or_else(|e| {
+                        Err(NetworkError::Unsupported {
+                            path: PathBuf::new(),
+                            what: format!("scan task: {e}"),
+                        })
+                    });
+                match scan {
+                    Ok(n) => Some(n),
+                    Err(source) => {
+                        let _ = fsd.start_kill();
+                        return Err(fail(SandboxError::Network {
+                            sandbox: id.into(),
+                            source: Box::new(source),
+                        }));
+                    }
+                }
+            }
+            None => None,
+        };
+        let net_args = network
+            .as_ref()
+            .map(PodNetwork::vmm_net_args)
+            .unwrap_or_default();
+        let mut vm = match Self::spawn_vmm(id, &dir, config, &vmm, &net_args) {
             Ok(c) => c,
             Err(e) => {
                 let _ = fsd.start_kill();
@@ -278,6 +328,17 @@ impl Sandbox {
             }));
         }
 
+        if let Some(net) = &network {
+            if let Err(e) = Self::connect_network(id, &agent, net).await {
+                let _ = vm.start_kill();
+                let _ = vm.wait().await;
+                let _ = fsd.start_kill();
+                let n = net.clone();
+                let _ = tokio::task::spawn_blocking(move || n.disconnect()).await;
+                return Err(fail(e));
+            }
+        }
+
         let (tx, rx) = watch::channel(None);
         let sandbox_id = id.to_string();
         tokio::spawn(async move {
@@ -300,7 +361,44 @@ impl Sandbox {
             config: config.clone(),
             exit: rx,
             virtiofsd: Mutex::new(Some(fsd)),
+            network,
         })
+    }
+
+    /// Joins the taps husk-vmm opened to the pod interfaces, then gives the guest's interfaces the pod
+    /// interfaces' names, addresses and routes.
+    async fn connect_network(
+        id: &str,
+        agent: &AgentClient,
+        net: &PodNetwork,
+    ) -> Result<(), SandboxError> {
+        let n = net.clone();
+        tokio::task::spawn_blocking(move || n.connect_taps())
+            .await
+            .unwrap_or_else(|e| {
+                Err(NetworkError::Unsupported {
+                    path: PathBuf::new(),
+                    what: format!("tap task: {e}"),
+                })
+            })
+            .map_err(|source| SandboxError::Network {
+                sandbox: id.into(),
+                source: Box::new(source),
+            })?;
+        agent
+            .setup_network(&net.guest_setup())
+            .await
+            .map_err(|source| SandboxError::GuestNetwork {
+                sandbox: id.into(),
+                source: Box::new(source),
+            })?;
+        tracing::info!(
+            sandbox = id,
+            interfaces = net.interfaces.len(),
+            routes = net.routes.len(),
+            "pod network is in the guest"
+        );
+        Ok(())
     }
 
     async fn spawn_virtiofsd(
@@ -353,6 +451,7 @@ impl Sandbox {
         dir: &SandboxDir,
         config: &ShimConfig,
         bin: &Path,
+        nets: &[String],
     ) -> Result<Child, SandboxError> {
         let console = if config.debug_console {
             dir.console()
@@ -398,6 +497,9 @@ impl Sandbox {
             .stdout(log)
             .stderr(log2)
             .kill_on_drop(false);
+        for net in nets {
+            cmd.arg("--net").arg(net);
+        }
         cmd.spawn().map_err(|source| SandboxError::Spawn {
             sandbox: id.into(),
             what: "husk-vmm",
@@ -446,6 +548,18 @@ impl Sandbox {
             {
                 let _ = fsd.start_kill();
                 let _ = fsd.wait().await;
+            }
+        }
+        if let Some(net) = self.network.clone() {
+            // The taps went with the VMM; the redirect filters on the pod interfaces stay until removed.
+            match tokio::task::spawn_blocking(move || net.disconnect()).await {
+                Ok(Err(e)) => {
+                    tracing::warn!(sandbox = %self.id, error = %e, "pod network clean-up")
+                }
+                Err(e) => {
+                    tracing::warn!(sandbox = %self.id, error = %e, "pod network clean-up task")
+                }
+                Ok(Ok(())) => {}
             }
         }
         let dir = self.dir.clone();

@@ -190,9 +190,13 @@ impl TaskService {
             cfg.vcpus = cfg.vcpus.max(cpus).min(crate::config::MAX_VCPUS);
         }
         let sandbox = Arc::new(
-            Sandbox::start(&self.shared.pod_id, &cfg)
-                .await
-                .map_err(|e| err(Code::INTERNAL, e))?,
+            Sandbox::start(
+                &self.shared.pod_id,
+                &cfg,
+                spec.network_namespace().as_deref(),
+            )
+            .await
+            .map_err(|e| err(Code::INTERNAL, e))?,
         );
         self.watch_vm(&sandbox);
         self.watch_oom(&sandbox);

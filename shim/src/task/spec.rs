@@ -157,6 +157,19 @@ impl BundleSpec {
         }
     }
 
+    /// The network namespace the container is to join (`linux.namespaces[type=network].path`): the pod's,
+    /// which CNI configured (or the one a user named with `ctr run --with-ns network:PATH`). Its interfaces
+    /// are carried into the VM; `None` (no entry, or a new empty namespace) gives a VM with loopback only.
+    pub fn network_namespace(&self) -> Option<std::path::PathBuf> {
+        self.json["linux"]["namespaces"]
+            .as_array()?
+            .iter()
+            .find(|ns| ns["type"] == "network")?["path"]
+            .as_str()
+            .filter(|p| !p.is_empty())
+            .map(std::path::PathBuf::from)
+    }
+
     /// Extra VM resources a standalone container asks for: (memory MiB from `linux.resources.memory.limit`,
     /// vCPUs from the CPU quota / period).
     pub fn standalone_resources(&self) -> (u64, u32) {
@@ -369,6 +382,23 @@ mod tests {
         assert!(e.contains("mounts[0].source"), "{e}");
         let e = BundleSpec::parse(br#"{"ociVersion": "1", "process": {"args": 3}}"#).unwrap_err();
         assert!(e.contains("args") || e.contains("sequence"), "{e}");
+    }
+
+    #[test]
+    fn network_namespace_path() {
+        let with = BundleSpec::parse(
+            br#"{"ociVersion":"1.0.2","root":{"path":"rootfs"},"linux":{"namespaces":[{"type":"pid"},{"type":"network","path":"/var/run/netns/cni-1"}]}}"#,
+        )
+        .unwrap();
+        assert_eq!(
+            with.network_namespace(),
+            Some(std::path::PathBuf::from("/var/run/netns/cni-1"))
+        );
+        let new_ns = BundleSpec::parse(
+            br#"{"ociVersion":"1.0.2","root":{"path":"rootfs"},"linux":{"namespaces":[{"type":"network"}]}}"#,
+        )
+        .unwrap();
+        assert_eq!(new_ns.network_namespace(), None);
     }
 
     #[test]

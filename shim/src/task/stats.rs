@@ -2,7 +2,7 @@
 //! metrics` and the CRI stats read).
 
 use containerd_shim::protos::cgroups_v2::metrics::{
-    CPUStat, IOEntry, IOStat, MemoryEvents, MemoryStat, Metrics, PidsStat,
+    CPUStat, IOEntry, IOStat, MemoryEvents, MemoryStat, Metrics, NetworkStat, PidsStat,
 };
 use husk_proto::v1::StatsContainerResponse;
 
@@ -89,13 +89,32 @@ pub fn to_metrics(s: &StatsContainerResponse) -> Metrics {
         })
         .into();
     }
+    // The pod's interfaces (the guest's network namespace), as runc reports the container's netns ones.
+    m.network = s
+        .network
+        .iter()
+        .map(|n| NetworkStat {
+            name: n.name.clone(),
+            rx_bytes: n.rx_bytes,
+            rx_packets: n.rx_packets,
+            rx_errors: n.rx_errors,
+            rx_dropped: n.rx_dropped,
+            tx_bytes: n.tx_bytes,
+            tx_packets: n.tx_packets,
+            tx_errors: n.tx_errors,
+            tx_dropped: n.tx_dropped,
+            ..Default::default()
+        })
+        .collect();
     m
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use husk_proto::v1::{ContainerCpuStats, ContainerMemoryStats, ContainerPidsStats};
+    use husk_proto::v1::{
+        ContainerCpuStats, ContainerMemoryStats, ContainerPidsStats, NetworkInterfaceStats,
+    };
 
     #[test]
     fn converts_every_section() {
@@ -119,6 +138,12 @@ mod tests {
                 limit: 0,
             }),
             io: vec![],
+            network: vec![NetworkInterfaceStats {
+                name: "eth0".into(),
+                rx_bytes: 10,
+                tx_packets: 2,
+                ..Default::default()
+            }],
         };
         let m = to_metrics(&s);
         assert_eq!(m.cpu.usage_usec, 5);
@@ -129,5 +154,14 @@ mod tests {
         assert_eq!(m.memory_events.oom_kill, 1);
         assert_eq!(m.pids.current, 3);
         assert!(m.io.is_none());
+        assert_eq!(m.network.len(), 1);
+        assert_eq!(
+            (
+                m.network[0].name.as_str(),
+                m.network[0].rx_bytes,
+                m.network[0].tx_packets
+            ),
+            ("eth0", 10, 2)
+        );
     }
 }
