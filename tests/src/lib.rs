@@ -52,6 +52,9 @@ pub fn project_root() -> PathBuf {
 pub struct Artifacts {
     pub vmm: PathBuf,
     pub kernel: PathBuf,
+    /// The guest image the agent boots from: a read-only erofs root (`husk-vmm --rootfs`).
+    pub rootfs: PathBuf,
+    /// The same files as an initrd (what the image benchmark compares against).
     pub initrd: PathBuf,
     /// A guest image whose /init prints `HUSK-GUEST-INIT ...` and reboots.
     pub marker_initrd: PathBuf,
@@ -65,6 +68,7 @@ impl Artifacts {
         let a = Artifacts {
             vmm: root.join("target/release/husk-vmm"),
             kernel: root.join("build/guest/vmlinux"),
+            rootfs: root.join("build/guest/rootfs.erofs"),
             initrd: root.join("build/guest/initrd.img"),
             marker_initrd: root.join("build/testhost/marker-initrd.img"),
             e2e_initrd: root.join("build/testhost/e2e-initrd.img"),
@@ -72,6 +76,7 @@ impl Artifacts {
         for (what, path, hint) in [
             ("VMM binary", &a.vmm, "run 'make build'"),
             ("guest kernel", &a.kernel, "run 'make guest'"),
+            ("guest root image", &a.rootfs, "run 'make guest'"),
             ("guest initrd", &a.initrd, "run 'make guest'"),
             ("marker initrd", &a.marker_initrd, "run 'make testhost'"),
             ("device test initrd", &a.e2e_initrd, "run 'make testhost'"),
@@ -114,11 +119,30 @@ pub fn require_kvm() -> Result<(), HarnessError> {
         .map_err(HarnessError::NoKvm)
 }
 
+/// What a test VM boots from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum GuestImage {
+    /// A read-only root disk (`husk-vmm --rootfs`): it becomes `/dev/vda` (serial `husk-rootfs`), and
+    /// `--disk`s follow as `vdb`, `vdc`, ...
+    Rootfs(PathBuf),
+    /// An initramfs (`husk-vmm --initrd`): `--disk`s start at `vda`.
+    Initrd(PathBuf),
+}
+
+impl GuestImage {
+    fn vmm_args(&self) -> [&std::ffi::OsStr; 2] {
+        match self {
+            GuestImage::Rootfs(p) => ["--rootfs".as_ref(), p.as_os_str()],
+            GuestImage::Initrd(p) => ["--initrd".as_ref(), p.as_os_str()],
+        }
+    }
+}
+
 #[derive(Debug, Clone)]
 pub struct VmOptions {
     pub vcpus: u8,
     pub mem_mib: u64,
-    pub initrd: PathBuf,
+    pub image: GuestImage,
     pub extra_cmdline: Option<String>,
     /// Console to a pipe that the harness reads (needed for `wait_console_line`), else to a file.
     pub console_to_pipe: bool,
@@ -132,7 +156,7 @@ impl VmOptions {
     /// The device test image running `scenario` (its init arguments), console piped.
     pub fn scenario(a: &Artifacts, scenario: &str, extra_args: Vec<String>) -> Self {
         VmOptions {
-            initrd: a.e2e_initrd.clone(),
+            image: GuestImage::Initrd(a.e2e_initrd.clone()),
             console_to_pipe: true,
             extra_cmdline: Some(format!("-- {scenario}")),
             extra_args,
@@ -140,11 +164,12 @@ impl VmOptions {
         }
     }
 
+    /// The agent from the production guest image (the read-only erofs root), as pods boot.
     pub fn agent(a: &Artifacts) -> Self {
         VmOptions {
             vcpus: 1,
             mem_mib: 128,
-            initrd: a.initrd.clone(),
+            image: GuestImage::Rootfs(a.rootfs.clone()),
             extra_cmdline: None,
             console_to_pipe: false,
             extra_args: Vec::new(),
@@ -173,8 +198,7 @@ impl VmProcess {
         let mut cmd = Command::new(&a.vmm);
         cmd.arg("--kernel")
             .arg(&a.kernel)
-            .arg("--initrd")
-            .arg(&o.initrd)
+            .args(o.image.vmm_args())
             .arg("--vcpus")
             .arg(o.vcpus.to_string())
             .arg("--mem-mib")

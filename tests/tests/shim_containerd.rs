@@ -46,8 +46,8 @@ fn setup() -> Setup {
     std::fs::write(
         &config,
         format!(
-            "kernel = {:?}\ninitrd = {:?}\nvmm = {:?}\nvirtiofsd = {:?}\ndebug_console = true\nlog_level = \"debug\"\n",
-            a.kernel, a.initrd, a.vmm, virtiofsd
+            "kernel = {:?}\nrootfs = {:?}\ninitrd = \"\"\nvmm = {:?}\nvirtiofsd = {:?}\ndebug_console = true\nlog_level = \"debug\"\n",
+            a.kernel, a.rootfs, a.vmm, virtiofsd
         ),
     )
     .unwrap();
@@ -186,7 +186,9 @@ fn run_rm_exit_code_env_cwd_stdin_and_config_errors() {
                 "sh",
                 "-c",
                 "read line; echo in=$line; echo foo=$FOO; pwd; id -u; uname -r; cat /data/hello; \
-                 touch /data/new 2>/dev/null && echo volume-rw || echo volume-ro; exit 3",
+                 touch /data/new 2>/dev/null && echo volume-rw || echo volume-ro; \
+                 echo \"cmdline $(cat /proc/cmdline)\"; echo \"erofs $(ls /sys/fs/erofs)\"; \
+                 echo \"vda $(cat /sys/block/vda/serial) ro=$(cat /sys/block/vda/ro)\"; exit 3",
             ],
             Some(Stdin::for_run(b"hello\n", "s1")),
             Duration::from_secs(180),
@@ -213,6 +215,24 @@ fn run_rm_exit_code_env_cwd_stdin_and_config_errors() {
     ] {
         assert!(lines.contains(&want), "{want:?} missing from {lines:?}");
     }
+    // The pod VM booted from the read-only erofs root: the kernel was told root=/dev/vda (no initrd),
+    // an erofs is mounted from vda, and vda is the VMM's read-only root disk.
+    let field = |name: &str| {
+        lines
+            .iter()
+            .find_map(|l| l.strip_prefix(name))
+            .unwrap_or_else(|| panic!("no {name:?} line in {lines:?}"))
+    };
+    let cmdline = field("cmdline ");
+    assert!(
+        cmdline.contains("root=/dev/vda ro rootfstype=erofs"),
+        "guest cmdline: {cmdline}"
+    );
+    assert!(
+        field("erofs ").split_whitespace().any(|d| d == "vda"),
+        "/sys/fs/erofs: {lines:?}"
+    );
+    assert_eq!(field("vda "), "husk-rootfs ro=1");
     let host_release = text(&Command::new("uname").arg("-r").output().unwrap().stdout);
     assert_ne!(
         host_release.trim(),

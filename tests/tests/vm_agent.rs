@@ -5,7 +5,7 @@
 use std::process::Command;
 use std::time::Duration;
 
-use husk_tests::{processes_mentioning, vm_test_setup, VmOptions, VmProcess};
+use husk_tests::{processes_mentioning, vm_test_setup, GuestImage, VmOptions, VmProcess};
 
 fn runtime() -> tokio::runtime::Runtime {
     tokio::runtime::Builder::new_current_thread()
@@ -79,7 +79,7 @@ fn several_vcpus_boot_to_init_and_reboot_ends_the_vmm() {
     let a = vm_test_setup();
     let opts = VmOptions {
         vcpus: 4,
-        initrd: a.marker_initrd.clone(),
+        image: GuestImage::Initrd(a.marker_initrd.clone()),
         console_to_pipe: true,
         ..VmOptions::agent(&a)
     };

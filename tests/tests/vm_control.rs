@@ -45,8 +45,20 @@ fn state_pause_resume_stats_and_graceful_stop() {
         .expect("the guest runs again after resume");
 
     let st = vm.control(r#"{"op":"stats"}"#).unwrap();
-    let vsock = &st["devices"][0];
-    assert_eq!(vsock["type"], "vsock", "{st}");
+    let devices = st["devices"].as_array().expect("a device list");
+    // The agent boots from the read-only root disk (slot 0): read on demand, never written.
+    let root = &devices[0];
+    assert_eq!(root["type"], "block", "{st}");
+    assert!(root["read_bytes"].as_u64().unwrap() > 0, "{st}");
+    assert_eq!(
+        (root["writes"].as_u64(), root["failed"].as_u64()),
+        (Some(0), Some(0)),
+        "{st}"
+    );
+    let vsock = devices
+        .iter()
+        .find(|d| d["type"] == "vsock")
+        .unwrap_or_else(|| panic!("no vsock device: {st}"));
     assert_eq!(vsock["active"], true);
     assert!(
         vsock["connections"].as_u64().unwrap() >= 1,

@@ -13,7 +13,7 @@ use std::process::{Command, Stdio};
 use std::time::Duration;
 
 use anyhow::{bail, Context};
-use husk_tests::{line_reader, median, wait_child, Artifacts, VmOptions, VmProcess};
+use husk_tests::{line_reader, median, wait_child, Artifacts, GuestImage, VmOptions, VmProcess};
 
 use super::util::{built, field, r2, summary, wait_for_path, workdir, write_pattern, Daemon, Tap};
 
@@ -116,7 +116,7 @@ impl Setup {
         let (mut iperf, iperf_out) = self.iperf_server(round, "husk")?;
         let opts = VmOptions {
             mem_mib: GUEST_MIB,
-            initrd: self.initrd.clone(),
+            image: GuestImage::Initrd(self.initrd.clone()),
             extra_cmdline: Some(self.guest_vars()),
             console_to_pipe: true,
             extra_args: vec![
@@ -154,7 +154,7 @@ impl Setup {
         wait_for_path(&sock, &mut vfsd.child, "virtiofsd")?;
         let opts = VmOptions {
             mem_mib: GUEST_MIB,
-            initrd: self.initrd.clone(),
+            image: GuestImage::Initrd(self.initrd.clone()),
             extra_cmdline: Some(format!("bench_tag={FS_TAG}")),
             console_to_pipe: true,
             extra_args: vec![

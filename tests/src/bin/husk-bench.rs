@@ -19,8 +19,8 @@ use anyhow::{bail, Context};
 #[path = "../bench/mod.rs"]
 mod bench;
 use husk_tests::{
-    in_nested_testhost, line_reader, median, require_kvm, wait_child, Artifacts, VmOptions,
-    VmProcess,
+    in_nested_testhost, line_reader, median, require_kvm, wait_child, Artifacts, GuestImage,
+    VmOptions, VmProcess,
 };
 
 /// Firecracker's published boot-to-init figure on hardware, for reference only (not measured here).
@@ -49,7 +49,7 @@ fn husk_boot_to_agent(a: &Artifacts, rt: &tokio::runtime::Runtime) -> anyhow::Re
 
 fn husk_boot_to_init(a: &Artifacts) -> anyhow::Result<f64> {
     let opts = VmOptions {
-        initrd: a.marker_initrd.clone(),
+        image: GuestImage::Initrd(a.marker_initrd.clone()),
         console_to_pipe: true,
         ..VmOptions::agent(a)
     };

@@ -33,8 +33,8 @@ fn main() -> anyhow::Result<()> {
         &config,
         format!(
             "# The demo's Husk configuration (a node would use /etc/husk/config.toml)\n\
-             kernel = {:?}\ninitrd = {:?}\nvmm = {:?}\nvirtiofsd = {:?}\nvcpus = 1\nmemory_mib = 256\n",
-            a.kernel, a.initrd, a.vmm, virtiofsd
+             kernel = {:?}\nrootfs = {:?}\nvmm = {:?}\nvirtiofsd = {:?}\nvcpus = 1\nmemory_mib = 256\n",
+            a.kernel, a.rootfs, a.vmm, virtiofsd
         ),
     )?;
     let t = Instant::now();
