@@ -199,6 +199,14 @@ pub fn validate_target(target: &str) -> Result<(), StorageError> {
         .strip_prefix(STORAGE_ROOT)
         .and_then(|r| r.strip_prefix('/'))
     {
+        // The agent's own network files live there; a mount on top would hide them from containers.
+        Some(r) if r == "network" || r.starts_with("network/") => Err(err(
+            "target",
+            format!(
+                "{} is reserved for SetupNetwork",
+                crate::network::NETWORK_FILES_DIR
+            ),
+        )),
         Some(r) if !r.is_empty() => Ok(()),
         _ => Err(err(
             "target",
@@ -442,6 +450,8 @@ mod tests {
             "/run/huskx/a",
             "/run/husk/../etc",
             "/run/husk/a/../../etc",
+            "/run/husk/network",
+            "/run/husk/network/x",
             "/run/husk/./a",
             "/run/husk//a",
             "/run/husk/a/",
