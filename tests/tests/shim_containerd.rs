@@ -187,7 +187,7 @@ fn run_rm_exit_code_env_cwd_stdin_and_config_errors() {
                 "-c",
                 "read line; echo in=$line; echo foo=$FOO; pwd; id -u; uname -r; cat /data/hello; \
                  touch /data/new 2>/dev/null && echo volume-rw || echo volume-ro; \
-                 echo \"cmdline $(cat /proc/cmdline)\"; echo \"erofs $(ls /sys/fs/erofs)\"; \
+                 echo \"cmdline $(cat /proc/cmdline)\"; echo erofs $(ls /sys/fs/erofs); \
                  echo \"vda $(cat /sys/block/vda/serial) ro=$(cat /sys/block/vda/ro)\"; exit 3",
             ],
             Some(Stdin::for_run(b"hello\n", "s1")),
