@@ -49,6 +49,8 @@ fn a_cni_style_namespace_is_read_and_its_interface_joined_to_a_tap() {
     ip(&[
         "link", "add", &host_end, "type", "veth", "peer", "name", "eth0", "netns", &ns,
     ]);
+    ip(&["addr", "add", "10.99.0.1/24", "dev", &host_end]);
+    ip(&["link", "set", &host_end, "up"]);
     for cmd in [
         "ip link set lo up",
         "ip link set eth0 mtu 1450 up",
@@ -110,6 +112,9 @@ fn a_cni_style_namespace_is_read_and_its_interface_joined_to_a_tap() {
         )]
     );
 
+    // Before: the namespace's own stack answers a TCP SYN to a closed port with a reset.
+    assert_eq!(syn_to_pod(), std::io::ErrorKind::ConnectionRefused);
+
     // husk-vmm would open the tap in the namespace; a persistent one stands in for it here.
     in_ns(
         &ns,
@@ -117,16 +122,20 @@ fn a_cni_style_namespace_is_read_and_its_interface_joined_to_a_tap() {
     );
     net.connect_taps().expect("connect");
     net.connect_taps().expect("connecting twice is fine");
-    let f = in_ns(&ns, &["tc", "filter", "show", "dev", "eth0", "ingress"]);
-    assert!(
-        f.contains("mirred") && f.contains(&eth0.tap),
-        "eth0 → tap: {f}"
-    );
-    let f = in_ns(&ns, &["tc", "filter", "show", "dev", &eth0.tap, "ingress"]);
-    assert!(
-        f.contains("mirred") && f.contains("eth0"),
-        "tap → eth0: {f}"
-    );
+    for (dev, to) in [("eth0", eth0.tap.as_str()), (eth0.tap.as_str(), "eth0")] {
+        let f = in_ns(&ns, &["tc", "filter", "show", "dev", dev, "ingress"]);
+        // Every frame (ETH_P_ALL in network byte order shows as "all"), exactly one filter even after
+        // two connects.
+        assert!(f.contains("protocol all"), "{dev}: {f}");
+        assert_eq!(
+            f.matches("mirred (Egress Redirect to device").count(),
+            1,
+            "{dev} → {to}: {f}"
+        );
+        assert!(f.contains(&format!("device {to})")), "{dev} → {to}: {f}");
+    }
+    // After: the SYN is stolen for the tap (nobody reads it here), the namespace's stack never sees it.
+    assert_eq!(syn_to_pod(), std::io::ErrorKind::TimedOut);
     let link = in_ns(&ns, &["ip", "link", "show", &eth0.tap]);
     assert!(link.contains("mtu 1450") && link.contains(",UP"), "{link}");
 
@@ -136,4 +145,14 @@ fn a_cni_style_namespace_is_read_and_its_interface_joined_to_a_tap() {
     net.disconnect().expect("disconnect");
     let q = in_ns(&ns, &["tc", "qdisc", "show", "dev", "eth0"]);
     assert!(!q.contains("ingress"), "{q}");
+    assert_eq!(syn_to_pod(), std::io::ErrorKind::ConnectionRefused);
+}
+
+/// How a TCP connect from the host end to a closed port at the pod address ends.
+fn syn_to_pod() -> std::io::ErrorKind {
+    let addr = "10.99.0.2:9".parse().unwrap();
+    match std::net::TcpStream::connect_timeout(&addr, std::time::Duration::from_secs(2)) {
+        Ok(_) => panic!("something listens on 10.99.0.2:9"),
+        Err(e) => e.kind(),
+    }
 }

@@ -15,6 +15,7 @@ use std::fs::File;
 use std::future::Future;
 use std::net::IpAddr;
 use std::os::fd::AsFd;
+use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 
 use futures_util::TryStreamExt;
@@ -26,6 +27,7 @@ use rtnetlink::packet_route::route::{
     RouteAddress, RouteAttribute, RouteHeader, RouteMessage, RouteProtocol,
     RouteScope as KernelScope, RouteType,
 };
+use rtnetlink::packet_route::AddressFamily;
 use rtnetlink::{Handle, LinkUnspec, RouteMessageBuilder};
 
 /// Most interfaces carried into one VM (a virtio-net device each).
@@ -34,8 +36,9 @@ pub const MAX_POD_INTERFACES: usize = 8;
 const MAX_IFNAME: usize = 15;
 /// tc priority of the redirect filters; any value works, a fixed one lets a later run find them.
 const FILTER_PRIORITY: u16 = 1;
-/// ETH_P_ALL: the filters match every frame.
-const ETH_P_ALL: u16 = 0x0003;
+/// ETH_P_ALL: the filters match every frame. The kernel compares the filter's protocol with
+/// `skb->protocol`, which is in network byte order (iproute2 passes `htons(ETH_P_ALL)`).
+const ETH_P_ALL_BE: u16 = 0x0003u16.to_be();
 
 #[derive(Debug, thiserror::Error)]
 pub enum NetworkError {
@@ -75,6 +78,8 @@ pub struct PodInterface {
 /// A route of the pod namespace's main table through one of the pod interfaces.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct PodRoute {
+    /// The route's family (a default route without gateway has no address to tell it by).
+    pub ipv6: bool,
     /// `None` for the default route.
     pub destination: Option<(IpAddr, u8)>,
     pub gateway: Option<IpAddr>,
@@ -168,10 +173,12 @@ fn is_our_tap(name: &str) -> bool {
 }
 
 /// Decides from a link message whether it is a pod interface; `None` for loopback, non-Ethernet
-/// links and our own taps.
+/// links, links that are down (e.g. the `gretap0` / `erspan0` fallback devices a netns gets when
+/// ip_gre is loaded), links without a unicast MAC, and our own taps.
 fn pod_interface(l: &LinkMessage) -> Option<(String, u32, [u8; 6], u32)> {
     if l.header.link_layer_type != LinkLayerType::Ether
         || l.header.flags.contains(LinkFlags::Loopback)
+        || !l.header.flags.contains(LinkFlags::Up)
     {
         return None;
     }
@@ -183,6 +190,9 @@ fn pod_interface(l: &LinkMessage) -> Option<(String, u32, [u8; 6], u32)> {
         LinkAttribute::Address(m) => m.as_slice().try_into().ok(),
         _ => None,
     })?;
+    if !MacAddr(mac).is_unicast() {
+        return None;
+    }
     let mtu = l
         .attributes
         .iter()
@@ -223,12 +233,17 @@ fn pod_route(r: &RouteMessage, interfaces: &[PodInterface]) -> Option<PodRoute> 
     {
         return None;
     }
-    let oif = r.attributes.iter().find_map(|a| match a {
+    let Some(oif) = r.attributes.iter().find_map(|a| match a {
         RouteAttribute::Oif(i) => Some(*i),
         _ => None,
-    })?;
+    }) else {
+        // Multipath routes carry their devices in RTA_MULTIPATH.
+        tracing::warn!(?r, "pod route without a single output device: not copied");
+        return None;
+    };
     let device = interfaces.iter().find(|i| i.index == oif)?.name.clone();
     let mut route = PodRoute {
+        ipv6: r.header.address_family == AddressFamily::Inet6,
         destination: None,
         gateway: None,
         device,
@@ -242,6 +257,13 @@ fn pod_route(r: &RouteMessage, interfaces: &[PodInterface]) -> Option<PodRoute> 
             }
             RouteAttribute::Gateway(g) => route.gateway = route_addr(g),
             RouteAttribute::PrefSource(s) => route.source = route_addr(s),
+            RouteAttribute::Via(_) => {
+                tracing::warn!(
+                    ?r,
+                    "pod route with a next hop of another family: not copied"
+                );
+                return None;
+            }
             _ => {}
         }
     }
@@ -264,15 +286,35 @@ impl PodNetwork {
     /// with only loopback gives an empty network (the VM then has no network device, as a pod with
     /// `hostNetwork: false` and no CNI has only `lo`).
     pub fn scan(netns: &Path) -> Result<PodNetwork, NetworkError> {
+        // The node's own namespace (`--with-ns network:/proc/1/ns/net`, a misconfigured runtime) would
+        // hand the node's NICs to the VM.
+        let id = |p: &Path| std::fs::metadata(p).map(|m| (m.dev(), m.ino()));
+        if let (Ok(pod), Ok(own)) = (id(netns), id(Path::new("/proc/self/ns/net"))) {
+            if pod == own {
+                return Err(NetworkError::Unsupported {
+                    path: netns.to_path_buf(),
+                    what: "this is the node's own network namespace; a pod VM needs a pod network \
+                           namespace (hostNetwork pods are not supported)"
+                        .into(),
+                });
+            }
+        }
         in_netns(netns, |handle, path| async move {
             let mut interfaces = Vec::new();
             let mut links = handle.link().get().execute();
             while let Some(l) = links.try_next().await.map_err(nl(&path, "listing links"))? {
                 if let Some((name, index, mac, mtu)) = pod_interface(&l) {
                     if interfaces.len() == MAX_POD_INTERFACES {
+                        let names: Vec<&str> = interfaces
+                            .iter()
+                            .map(|i: &PodInterface| i.name.as_str())
+                            .collect();
                         return Err(NetworkError::Unsupported {
                             path,
-                            what: format!("more than {MAX_POD_INTERFACES} interfaces"),
+                            what: format!(
+                                "more than {MAX_POD_INTERFACES} interfaces ({}, {name}, ...)",
+                                names.join(", ")
+                            ),
                         });
                     }
                     interfaces.push(PodInterface {
@@ -294,9 +336,16 @@ impl PodNetwork {
                 let Some(iface) = interfaces.iter_mut().find(|i| i.index == a.header.index) else {
                     continue;
                 };
-                let ip = a.attributes.iter().find_map(|x| match x {
-                    AddressAttribute::Address(ip) => Some(*ip),
+                // IFA_LOCAL is this end of a point-to-point address (IFA_ADDRESS is then the peer).
+                let local = a.attributes.iter().find_map(|x| match x {
+                    AddressAttribute::Local(ip) => Some(*ip),
                     _ => None,
+                });
+                let ip = local.or_else(|| {
+                    a.attributes.iter().find_map(|x| match x {
+                        AddressAttribute::Address(ip) => Some(*ip),
+                        _ => None,
+                    })
                 });
                 if let Some(ip) = ip.filter(|ip| !is_ipv6_link_local(ip)) {
                     iface.addresses.push((ip, a.header.prefix_len));
@@ -349,9 +398,7 @@ impl PodNetwork {
                     destination: r
                         .destination
                         .and_then(|(ip, len)| IpNet::new(ip, len))
-                        .unwrap_or_else(|| {
-                            IpNet::default_route(r.gateway.is_some_and(|g| g.is_ipv6()))
-                        }),
+                        .unwrap_or_else(|| IpNet::default_route(r.ipv6)),
                     gateway: r.gateway,
                     device: r.device.clone(),
                     source: r.source,
@@ -384,26 +431,82 @@ impl PodNetwork {
             .collect()
     }
 
-    /// Joins each tap (opened by husk-vmm by now) to its pod interface: tap up with the interface's
-    /// MTU, then an ingress qdisc and a redirect-everything filter on both. Idempotent: a filter or
-    /// qdisc that exists already is replaced.
+    /// Joins each tap (opened by husk-vmm by now) to its pod interface: a fresh ingress qdisc on both
+    /// (one left by a killed shim goes, with its filters that redirect to a tap that no longer
+    /// exists), a redirect-everything filter on each, and only then the tap up with the interface's
+    /// MTU, so no guest frame reaches the namespace's own IP stack. Running it again gives the same
+    /// result.
     pub fn connect_taps(&self) -> Result<(), NetworkError> {
         let interfaces = self.interfaces.clone();
         in_netns(&self.netns, move |handle, path| async move {
             for iface in &interfaces {
-                let tap = handle
+                let tap = match handle
                     .link()
                     .get()
                     .match_name(iface.tap.clone())
                     .execute()
                     .try_next()
                     .await
-                    .map_err(nl(&path, format!("finding tap {}", iface.tap)))?
-                    .ok_or_else(|| NetworkError::Unsupported {
-                        path: path.clone(),
-                        what: format!("tap {} does not exist (did husk-vmm open it?)", iface.tap),
-                    })?;
+                {
+                    Ok(Some(l)) => l,
+                    Ok(None) | Err(_) => {
+                        return Err(NetworkError::Unsupported {
+                            path: path.clone(),
+                            what: format!(
+                                "tap {} for {} does not exist (husk-vmm opens it at start)",
+                                iface.tap, iface.name
+                            ),
+                        })
+                    }
+                };
                 let tap_index = tap.header.index;
+                // The tap is a wire into the guest, not an interface of this namespace: no IPv6
+                // link-local address, DAD or router solicitations of its own into the guest.
+                let _ = std::fs::write(
+                    format!("/proc/sys/net/ipv6/conf/{}/disable_ipv6", iface.tap),
+                    "1",
+                );
+                for (from, to, what) in [
+                    (iface.index, tap_index, &iface.name),
+                    (tap_index, iface.index, &iface.tap),
+                ] {
+                    let ix = i32::try_from(from).map_err(|_| NetworkError::Unsupported {
+                        path: path.clone(),
+                        what: format!("link index {from} out of range"),
+                    })?;
+                    remove_ingress_qdisc(&handle, ix).await;
+                    handle
+                        .qdisc()
+                        .add(ix)
+                        .ingress()
+                        .execute()
+                        .await
+                        .map_err(nl(
+                            &path,
+                            format!(
+                                "adding an ingress qdisc to {what} (the host kernel needs \
+                                 CONFIG_NET_SCH_INGRESS / module sch_ingress; or another \
+                                 qdisc such as clsact is in the way)"
+                            ),
+                        ))?;
+                    handle
+                        .traffic_filter(ix)
+                        .add()
+                        .ingress()
+                        .priority(FILTER_PRIORITY)
+                        .protocol(ETH_P_ALL_BE)
+                        .redirect(to)
+                        .map_err(nl(&path, format!("building the redirect filter of {what}")))?
+                        .execute()
+                        .await
+                        .map_err(nl(
+                            &path,
+                            format!(
+                                "adding the redirect filter on {what} (the host kernel needs \
+                                 cls_u32 and act_mirred)"
+                            ),
+                        ))?;
+                }
                 handle
                     .link()
                     .set(
@@ -415,56 +518,34 @@ impl PodNetwork {
                     .execute()
                     .await
                     .map_err(nl(&path, format!("setting tap {} up", iface.tap)))?;
-                for (from, to, what) in [
-                    (iface.index, tap_index, &iface.name),
-                    (tap_index, iface.index, &iface.tap),
-                ] {
-                    let ix = i32::try_from(from).map_err(|_| NetworkError::Unsupported {
-                        path: path.clone(),
-                        what: format!("link index {from} out of range"),
-                    })?;
-                    handle
-                        .qdisc()
-                        .replace(ix)
-                        .ingress()
-                        .execute()
-                        .await
-                        .map_err(nl(&path, format!("adding an ingress qdisc to {what}")))?;
-                    handle
-                        .traffic_filter(ix)
-                        .replace()
-                        .ingress()
-                        .priority(FILTER_PRIORITY)
-                        .protocol(ETH_P_ALL)
-                        .redirect(to)
-                        .map_err(nl(&path, format!("building the redirect filter of {what}")))?
-                        .execute()
-                        .await
-                        .map_err(nl(&path, format!("adding the redirect filter on {what}")))?;
-                }
             }
             Ok(())
         })
     }
 
     /// Removes the ingress qdiscs (and with them the filters) from the pod interfaces; the taps go
-    /// away by themselves when husk-vmm closes them. Errors are returned for logging: the namespace
-    /// may be gone already (the CRI deletes it after the sandbox).
+    /// away by themselves when husk-vmm closes them. The namespace may be gone already (the CRI
+    /// deletes it after the sandbox): that is not an error.
     pub fn disconnect(&self) -> Result<(), NetworkError> {
+        if !self.netns.exists() {
+            return Ok(());
+        }
         let interfaces = self.interfaces.clone();
-        in_netns(&self.netns, move |handle, path| async move {
+        in_netns(&self.netns, move |handle, _path| async move {
             for iface in &interfaces {
-                let ix = i32::try_from(iface.index).unwrap_or(i32::MAX);
-                let mut del = handle.qdisc().del(ix);
-                del.message_mut().header.parent = rtnetlink::packet_route::tc::TcHandle::INGRESS;
-                if let Err(e) = del.execute().await {
-                    // ENOENT/EINVAL: there was none (never connected, or removed already).
-                    tracing::debug!(netns = %path.display(), iface = %iface.name, error = %e,
-                        "removing the ingress qdisc");
-                }
+                remove_ingress_qdisc(&handle, i32::try_from(iface.index).unwrap_or(i32::MAX)).await;
             }
             Ok(())
         })
+    }
+}
+
+/// Deletes the ingress qdisc of link `index`, if it has one (ENOENT/EINVAL otherwise: ignored).
+async fn remove_ingress_qdisc(handle: &Handle, index: i32) {
+    let mut del = handle.qdisc().del(index);
+    del.message_mut().header.parent = rtnetlink::packet_route::tc::TcHandle::INGRESS;
+    if let Err(e) = del.execute().await {
+        tracing::trace!(index, error = %e, "no ingress qdisc to remove");
     }
 }
 
@@ -475,6 +556,7 @@ mod tests {
 
     fn route(dest: Option<(IpAddr, u8)>, gw: Option<IpAddr>) -> PodRoute {
         PodRoute {
+            ipv6: dest.map(|(ip, _)| ip.is_ipv6()).or(gw.map(|g| g.is_ipv6())) == Some(true),
             destination: dest,
             gateway: gw,
             device: "eth0".into(),
@@ -548,6 +630,79 @@ mod tests {
             net.vmm_net_args(),
             vec!["tap=tap0_husk,mac=02:00:00:00:00:09,netns=/run/netns/p".to_string()]
         );
+    }
+
+    fn eth0() -> Vec<PodInterface> {
+        vec![PodInterface {
+            name: "eth0".into(),
+            index: 2,
+            mac: [2, 0, 0, 0, 0, 1],
+            mtu: 1500,
+            addresses: vec![],
+            tap: tap_name(0),
+        }]
+    }
+
+    #[test]
+    fn routes_are_filtered_like_the_guest_needs_them() {
+        use rtnetlink::packet_route::route::RouteNextHop;
+        let gw4 = Ipv4Addr::new(10, 1, 0, 1);
+        let v4 = || RouteMessageBuilder::<Ipv4Addr>::new().output_interface(2);
+        let r = pod_route(&v4().gateway(gw4).build(), &eth0()).expect("default via gw");
+        assert_eq!(
+            (r.destination, r.gateway, r.ipv6),
+            (None, Some(IpAddr::V4(gw4)), false)
+        );
+        assert_eq!(r.device, "eth0");
+        // The kernel's own subnet route, another table, another device, a local route: not copied.
+        let kernel = v4()
+            .destination_prefix(Ipv4Addr::new(10, 1, 0, 0), 24)
+            .protocol(RouteProtocol::Kernel)
+            .build();
+        assert_eq!(pod_route(&kernel, &eth0()), None);
+        assert_eq!(
+            pod_route(&v4().gateway(gw4).table_id(100).build(), &eth0()),
+            None
+        );
+        let other_dev = RouteMessageBuilder::<Ipv4Addr>::new()
+            .output_interface(7)
+            .gateway(gw4)
+            .build();
+        assert_eq!(pod_route(&other_dev, &eth0()), None);
+        assert_eq!(
+            pod_route(&v4().kind(RouteType::Local).build(), &eth0()),
+            None
+        );
+        // Multipath: no single device, not copied (logged).
+        let mp = RouteMessageBuilder::<Ipv4Addr>::new()
+            .multipath(vec![RouteNextHop::default()])
+            .build();
+        assert_eq!(pod_route(&mp, &eth0()), None);
+        // An IPv6 default route without gateway keeps its family.
+        let v6 = pod_route(
+            &RouteMessageBuilder::<Ipv6Addr>::new()
+                .output_interface(2)
+                .scope(KernelScope::Link)
+                .build(),
+            &eth0(),
+        )
+        .expect("v6 default dev eth0");
+        assert!(v6.ipv6 && v6.link_scope && v6.gateway.is_none());
+        let net = PodNetwork {
+            netns: "/x".into(),
+            interfaces: eth0(),
+            routes: vec![v6],
+        };
+        assert_eq!(
+            net.guest_setup().routes[0].destination,
+            IpNet::default_route(true)
+        );
+        // fe80::/64 is the guest kernel's own.
+        let ll = RouteMessageBuilder::<Ipv6Addr>::new()
+            .output_interface(2)
+            .destination_prefix(Ipv6Addr::new(0xfe80, 0, 0, 0, 0, 0, 0, 0), 64)
+            .build();
+        assert_eq!(pod_route(&ll, &eth0()), None);
     }
 
     #[test]
