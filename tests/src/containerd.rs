@@ -100,6 +100,13 @@ pub struct ContainerdOptions {
     /// image). When enabled it gets a `runc` runtime with `SystemdCgroup = false`, CNI from
     /// /usr/lib/cni with its config directory in the temporary directory.
     pub enable_cri: bool,
+    /// With `enable_cri`: the pod sandbox ("pause") image, which must be imported into the `k8s.io`
+    /// namespace before the first pod (containerd 1.6 defaults to registry.k8s.io/pause:3.6, which
+    /// the test host cannot pull).
+    pub sandbox_image: Option<String>,
+    /// With `enable_cri`: a CNI network configuration list (JSON) written to the CNI config
+    /// directory before containerd starts.
+    pub cni_conflist: Option<String>,
     /// TOML appended verbatim to the generated config (e.g. a runtime section); it must not repeat
     /// the tables the generated part already has (`[grpc]`, `[ttrpc]`, `[debug]`, and the CRI ones
     /// when `enable_cri`).
@@ -121,6 +128,8 @@ impl Default for ContainerdOptions {
             extra_path: Vec::new(),
             env: Vec::new(),
             enable_cri: false,
+            sandbox_image: None,
+            cni_conflist: None,
             extra_config: String::new(),
             log_level: "info".into(),
             // Generous: inside the nested test host everything runs under software emulation.
@@ -164,6 +173,15 @@ impl Containerd {
         let config_path = dir_path.join("config.toml");
         std::fs::write(&config_path, config_toml(&dir_path, opts))
             .map_err(io_err(format!("writing {}", config_path.display())))?;
+        if let (true, Some(conflist)) = (opts.enable_cri, &opts.cni_conflist) {
+            let cni = dir_path.join("cni");
+            std::fs::create_dir_all(&cni)
+                .and_then(|()| std::fs::write(cni.join("10-husk-test.conflist"), conflist))
+                .map_err(io_err(format!(
+                    "writing the CNI config in {}",
+                    cni.display()
+                )))?;
+        }
         let log_path = dir_path.join("containerd.log");
         let log =
             File::create(&log_path).map_err(io_err(format!("creating {}", log_path.display())))?;
@@ -573,6 +591,11 @@ disabled_plugins = [{disabled}]
         level = opts.log_level,
     );
     if opts.enable_cri {
+        let sandbox_image = opts
+            .sandbox_image
+            .as_ref()
+            .map(|i| format!("  sandbox_image = {i:?}\n"))
+            .unwrap_or_default();
         // No systemd in the test host (its cgroup v2 tree is mounted by l1-init): cgroupfs driver.
         let _ = write!(
             s,
@@ -580,7 +603,7 @@ disabled_plugins = [{disabled}]
 [plugins."io.containerd.grpc.v1.cri"]
   restrict_oom_score_adj = true
   netns_mounts_under_state_dir = true
-  [plugins."io.containerd.grpc.v1.cri".cni]
+{sandbox_image}  [plugins."io.containerd.grpc.v1.cri".cni]
     bin_dir = "/usr/lib/cni"
     conf_dir = "{d}/cni"
   [plugins."io.containerd.grpc.v1.cri".containerd.runtimes.runc]
@@ -598,45 +621,78 @@ disabled_plugins = [{disabled}]
     s
 }
 
+/// Checks that the shim is built and writes a Husk shim configuration (`HUSK_CONFIG`) into `dir` for
+/// the project's build: the guest
+/// kernel and read-only root image, husk-vmm, and virtiofsd from build/testhost; the guest console kept
+/// and debug logs, for failures. Returns its path.
+pub fn husk_shim_config(dir: &Path, a: &crate::Artifacts) -> Result<PathBuf, ContainerdError> {
+    let shim = project_root().join("target/release/containerd-shim-husk-v2");
+    if !shim.is_file() {
+        return Err(ContainerdError::Missing {
+            what: "containerd-shim-husk-v2",
+            path: shim,
+            hint: "run 'make build'",
+        });
+    }
+    let virtiofsd = project_root().join("build/testhost/virtiofsd");
+    if !virtiofsd.is_file() {
+        return Err(ContainerdError::Missing {
+            what: "virtiofsd",
+            path: virtiofsd,
+            hint: "run 'make testhost'",
+        });
+    }
+    let config = dir.join("husk.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "kernel = {:?}\nrootfs = {:?}\ninitrd = \"\"\nvmm = {:?}\nvirtiofsd = {:?}\n\
+             debug_console = true\nlog_level = \"debug\"\n",
+            a.kernel, a.rootfs, a.vmm, virtiofsd
+        ),
+    )
+    .map_err(io_err(format!("writing {}", config.display())))?;
+    Ok(config)
+}
+
 /// The test image archive that `make images` builds.
 pub fn busybox_image_tar() -> Result<PathBuf, ContainerdError> {
-    let root = project_root();
-    let p = root.join("build/images/busybox-oci.tar");
+    let p = project_root().join("build/images/busybox-oci.tar");
     if p.is_file() {
         return Ok(p);
     }
     // Built here the way `make images` does when a make target running the tests did not ask for
     // it: it takes a moment and the bytes are the same.
-    let builder = root.join("target/release/husk-rootfs-builder");
+    build_busybox_image(BUSYBOX_IMAGE, "sh", &p)
+}
+
+/// Builds a busybox OCI image archive named `name` whose default command is `cmd` (split on spaces)
+/// with `husk-rootfs-builder oci-image`, e.g. a pod sandbox ("pause") image for the CRI.
+pub fn build_busybox_image(name: &str, cmd: &str, out: &Path) -> Result<PathBuf, ContainerdError> {
+    let builder = project_root().join("target/release/husk-rootfs-builder");
     let missing = || ContainerdError::Missing {
         what: "busybox OCI image",
-        path: p.clone(),
-        hint: "run 'make images'",
+        path: out.to_path_buf(),
+        hint: "run 'make build images' (needs /bin/busybox from busybox-static)",
     };
     if !builder.is_file() || !Path::new("/bin/busybox").is_file() {
         return Err(missing());
     }
-    let out = Command::new(&builder)
-        .args([
-            "oci-image",
-            "--busybox",
-            "/bin/busybox",
-            "--name",
-            BUSYBOX_IMAGE,
-        ])
-        .args(["--cmd", "sh", "--out"])
-        .arg(&p)
+    let result = Command::new(&builder)
+        .args(["oci-image", "--busybox", "/bin/busybox", "--name", name])
+        .args(["--cmd", cmd, "--out"])
+        .arg(out)
         .output()
         .map_err(|source| ContainerdError::Spawn {
             what: builder.display().to_string(),
             source,
         })?;
-    if out.status.success() && p.is_file() {
-        Ok(p)
+    if result.status.success() && out.is_file() {
+        Ok(out.to_path_buf())
     } else {
         eprintln!(
             "husk-rootfs-builder oci-image failed: {}",
-            String::from_utf8_lossy(&out.stderr)
+            String::from_utf8_lossy(&result.stderr)
         );
         Err(missing())
     }
@@ -1024,6 +1080,16 @@ mod tests {
         );
         assert!(cri.contains("disabled_plugins = []"));
         assert!(cri.contains("SystemdCgroup = false"));
+        assert!(!cri.contains("sandbox_image"));
+        let pause = config_toml(
+            dir,
+            &ContainerdOptions {
+                enable_cri: true,
+                sandbox_image: Some("husk.test/pause:1".into()),
+                ..Default::default()
+            },
+        );
+        assert!(pause.contains("  sandbox_image = \"husk.test/pause:1\"\n"));
     }
 
     #[test]

@@ -12,6 +12,7 @@ use husk_proto::client::{AgentClient, ClientOptions};
 use husk_proto::AGENT_VSOCK_PORT;
 
 pub mod containerd;
+pub mod cri;
 
 #[derive(Debug, thiserror::Error)]
 pub enum HarnessError {

@@ -10,7 +10,7 @@ use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use husk_tests::containerd::{
-    busybox_image_tar, Containerd, ContainerdOptions, LeakSnapshot, Stdin,
+    busybox_image_tar, husk_shim_config, Containerd, ContainerdOptions, LeakSnapshot, Stdin,
 };
 use husk_tests::{project_root, vm_test_setup, Artifacts};
 
@@ -29,28 +29,8 @@ struct Setup {
 fn setup() -> Setup {
     let a: Artifacts = vm_test_setup();
     let root = project_root();
-    let shim = root.join("target/release/containerd-shim-husk-v2");
-    assert!(
-        shim.is_file(),
-        "{} is missing: run 'make build'",
-        shim.display()
-    );
-    let virtiofsd = root.join("build/testhost/virtiofsd");
-    assert!(
-        virtiofsd.is_file(),
-        "{} is missing: run 'make testhost'",
-        virtiofsd.display()
-    );
     let dir = tempfile::tempdir().unwrap();
-    let config = dir.path().join("husk.toml");
-    std::fs::write(
-        &config,
-        format!(
-            "kernel = {:?}\nrootfs = {:?}\ninitrd = \"\"\nvmm = {:?}\nvirtiofsd = {:?}\ndebug_console = true\nlog_level = \"debug\"\n",
-            a.kernel, a.rootfs, a.vmm, virtiofsd
-        ),
-    )
-    .unwrap();
+    let config = husk_shim_config(dir.path(), &a).unwrap_or_else(|e| panic!("{e}"));
     let opts = ContainerdOptions {
         extra_path: vec![root.join("target/release")],
         env: vec![("HUSK_CONFIG".into(), config.display().to_string())],
@@ -495,4 +475,168 @@ fn kill_9_of_shim_or_vmm_ends_the_task_and_leaks_nothing() {
         s.ctr_ok(&["containers", "rm", id]);
         s.assert_no_leaks(&before);
     }
+}
+
+/// Runs `ip ARGS` (in L1's root network namespace), panicking with its stderr.
+fn ip(args: &[&str]) -> String {
+    let out = Command::new("ip").args(args).output().expect("running ip");
+    assert!(out.status.success(), "ip {args:?}: {}", text(&out.stderr));
+    text(&out.stdout)
+}
+
+/// Deletes the test's network namespace and the host end of its veth, however the test ends.
+struct PodNetns {
+    name: String,
+    host_end: String,
+}
+
+impl Drop for PodNetns {
+    fn drop(&mut self) {
+        let _ = Command::new("ip")
+            .args(["link", "del", &self.host_end])
+            .status();
+        let _ = Command::new("ip")
+            .args(["netns", "del", &self.name])
+            .status();
+    }
+}
+
+#[test]
+fn pod_network_from_a_network_namespace() {
+    let s = setup();
+    // What CNI's bridge/ptp plugins leave: a veth whose pod end is eth0 with the pod IP and a default
+    // route; its host end is the gateway.
+    let ns = PodNetns {
+        name: format!("husk-e2e-{}", std::process::id()),
+        host_end: format!("hve{}", std::process::id() % 100_000),
+    };
+    ip(&["netns", "add", &ns.name]);
+    ip(&[
+        "link",
+        "add",
+        &ns.host_end,
+        "type",
+        "veth",
+        "peer",
+        "name",
+        "eth0",
+        "netns",
+        &ns.name,
+    ]);
+    ip(&["addr", "add", "10.88.7.1/24", "dev", &ns.host_end]);
+    ip(&["link", "set", &ns.host_end, "up"]);
+    for cmd in [
+        "ip link set lo up",
+        "ip link set eth0 mtu 1400 up",
+        "ip addr add 10.88.7.2/24 dev eth0",
+        "ip route add default via 10.88.7.1",
+    ] {
+        let mut args = vec!["netns", "exec", &ns.name];
+        args.extend(cmd.split(' '));
+        ip(&args);
+    }
+    let pod_mac = ip(&[
+        "netns",
+        "exec",
+        &ns.name,
+        "cat",
+        "/sys/class/net/eth0/address",
+    ]);
+    let netns_path = format!("/run/netns/{}", ns.name);
+    let with_ns = format!("network:{netns_path}");
+
+    // Outbound: the container reaches a server on the host end through the VM's interface.
+    let listener = std::net::TcpListener::bind("10.88.7.1:0").unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let server = std::thread::spawn(move || {
+        let (mut conn, peer) = listener.accept().unwrap();
+        let mut got = [0u8; 6];
+        conn.read_exact(&mut got).unwrap();
+        std::io::Write::write_all(&mut conn, b"pong\n").unwrap();
+        (peer.ip().to_string(), got)
+    });
+    let before = LeakSnapshot::take();
+    let script = format!(
+        "ip addr show eth0; ip route; cat /sys/class/net/eth0/address /sys/class/net/eth0/mtu; \
+         ping -c 1 -W 10 10.88.7.1 >/dev/null && echo ping-ok; echo hello | nc -w 10 10.88.7.1 {port}"
+    );
+    let out = s.ctr(&[
+        "run",
+        "--rm",
+        "--runtime",
+        RUNTIME,
+        "--with-ns",
+        &with_ns,
+        IMAGE,
+        "n1",
+        "sh",
+        "-c",
+        &script,
+    ]);
+    let stdout = text(&out.stdout);
+    assert!(
+        out.status.success(),
+        "stdout: {stdout}\nstderr: {}\ncontainerd log:\n{}",
+        text(&out.stderr),
+        s.ctd.log_tail(80)
+    );
+    for want in [
+        "inet 10.88.7.2/24",
+        "default via 10.88.7.1 dev eth0",
+        pod_mac.trim(),
+        "1400",
+        "ping-ok",
+        "pong",
+    ] {
+        assert!(stdout.contains(want), "{want:?} missing from:\n{stdout}");
+    }
+    let (peer, got) = server.join().unwrap();
+    assert_eq!(peer, "10.88.7.2", "the connection comes from the pod IP");
+    assert_eq!(&got, b"hello\n");
+    s.assert_no_leaks(&before);
+    let qdiscs = ip(&[
+        "netns", "exec", &ns.name, "tc", "qdisc", "show", "dev", "eth0",
+    ]);
+    assert!(
+        !qdiscs.contains("ingress"),
+        "redirect left on eth0: {qdiscs}"
+    );
+    let links = ip(&["netns", "exec", &ns.name, "ip", "-o", "link"]);
+    assert!(!links.contains("_husk"), "tap left behind: {links}");
+
+    // Inbound: a server in the container answers a client on the host, at the pod IP.
+    let mut server = s.spawn_run(&[
+        "--rm",
+        "--with-ns",
+        &with_ns,
+        IMAGE,
+        "n2",
+        "sh",
+        "-c",
+        "echo served | nc -l -p 8080",
+    ]);
+    let deadline = Instant::now() + Duration::from_secs(120);
+    let reply = loop {
+        if let Ok(mut c) = std::net::TcpStream::connect_timeout(
+            &"10.88.7.2:8080".parse().unwrap(),
+            Duration::from_secs(2),
+        ) {
+            let mut r = String::new();
+            let _ = c.set_read_timeout(Some(Duration::from_secs(10)));
+            let _ = c.read_to_string(&mut r);
+            if !r.is_empty() {
+                break r;
+            }
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no answer from 10.88.7.2:8080; containerd log:\n{}",
+            s.ctd.log_tail(60)
+        );
+        std::thread::sleep(Duration::from_millis(500));
+    };
+    assert_eq!(reply.trim(), "served");
+    let (code, _, err) = wait_child(&mut server, Duration::from_secs(60));
+    assert_eq!(code, Some(0), "{err}");
+    s.assert_no_leaks(&before);
 }

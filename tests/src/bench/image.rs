@@ -99,7 +99,8 @@ impl Images {
     }
 }
 
-/// One boot: husk-vmm started by hand (the harness's VmProcess always passes an initrd).
+/// One boot: husk-vmm started by hand, so that each variant gets exactly its own image arguments (the
+/// bench builds its own erofs/ext4 images from the initrd, not the harness's default root image).
 fn boot(
     a: &Artifacts,
     images: &Images,
