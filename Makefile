@@ -13,7 +13,8 @@ TESTHOST := tests/testhost/run
 
 # Debian packages the build and the tests need on the host (the L1 test host brings its own).
 APT_PACKAGES := linux-source-6.1 flex bison bc libelf-dev libssl-dev cpio xz-utils gcc libc6-dev make \
-	qemu-system-x86 debootstrap e2fsprogs erofs-utils jq busybox-static libseccomp-dev libcap-ng-dev
+	qemu-system-x86 debootstrap e2fsprogs erofs-utils jq busybox-static libseccomp-dev libcap-ng-dev \
+	protobuf-compiler
 
 # virtiofsd serves virtio-fs shares (vhost-user); built from crates.io once, cached outside the checkout.
 VIRTIOFSD_VERSION := 1.14.0

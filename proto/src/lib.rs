@@ -33,7 +33,7 @@ pub mod testing;
 
 /// Revision of the agent API implemented by this crate. Reported by the agent
 /// in `PingResponse.api_version`; the host client requires an exact match.
-pub const API_VERSION: u32 = 1;
+pub const API_VERSION: u32 = 2;
 
 /// vsock port on which the agent serves [`v1`]'s `AgentService`.
 pub const AGENT_VSOCK_PORT: u32 = 1024;
