@@ -2105,8 +2105,8 @@ mod e2e_tests {
             assert!(!err.is_retryable());
         }
         let mut a = TestAgent::default();
-        a.ping.api_version = 2;
-        check(a, "agent API version 2").await;
+        a.ping.api_version = API_VERSION + 1;
+        check(a, &format!("agent API version {}", API_VERSION + 1)).await;
         let mut a = TestAgent::default();
         a.ping.agent_version = "v\u{1b}[2J".into();
         check(a, "agent_version").await;
