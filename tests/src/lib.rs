@@ -13,6 +13,7 @@ use husk_proto::AGENT_VSOCK_PORT;
 
 pub mod containerd;
 pub mod cri;
+pub mod virtiofsd;
 
 #[derive(Debug, thiserror::Error)]
 pub enum HarnessError {

@@ -9,15 +9,15 @@
 //! Needs KVM, root and build/testhost/virtiofsd: run through tests/testhost/run (make e2e).
 
 use std::future::Future;
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::path::Path;
 use std::time::{Duration, Instant};
 
 use husk_proto::client::{
     AgentClient, ClientError, ClientOptions, CreateContainer, MountStorage, ProcessExit,
 };
 use husk_proto::AGENT_VSOCK_PORT;
-use husk_tests::{project_root, vm_test_setup, VmOptions, VmProcess};
+use husk_tests::virtiofsd::Virtiofsd;
+use husk_tests::{vm_test_setup, VmOptions, VmProcess};
 use serde_json::{json, Value};
 
 /// What `ctr oci spec` (containerd 1.6) prints: the base of every container spec containerd gives a
@@ -141,58 +141,6 @@ fn process(args: &[&str]) -> Vec<u8> {
         "user": {"uid": 0, "gid": 0},
     }))
     .unwrap()
-}
-
-/// A virtiofsd serving the share; killed on drop.
-struct Virtiofsd {
-    child: Child,
-    socket: PathBuf,
-    log: PathBuf,
-}
-
-impl Virtiofsd {
-    fn start(dir: &Path, shared: &Path) -> Virtiofsd {
-        let vfsd = project_root().join("build/testhost/virtiofsd");
-        assert!(
-            vfsd.is_file(),
-            "{} is missing: run 'make testhost' (it installs virtiofsd)",
-            vfsd.display()
-        );
-        let socket = dir.join("vfsd.sock");
-        let log = dir.join("vfsd.log");
-        let child = Command::new(&vfsd)
-            .arg("--socket-path")
-            .arg(&socket)
-            .arg("--shared-dir")
-            .arg(shared)
-            .args(["--cache", "auto", "--sandbox", "namespace"])
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(std::fs::File::create(&log).unwrap())
-            .spawn()
-            .unwrap_or_else(|e| panic!("starting {vfsd:?}: {e}"));
-        let mut d = Virtiofsd { child, socket, log };
-        let deadline = Instant::now() + Duration::from_secs(20);
-        while !d.socket.exists() {
-            if let Ok(Some(st)) = d.child.try_wait() {
-                panic!("virtiofsd exited with {st}: {}", d.log());
-            }
-            assert!(Instant::now() < deadline, "virtiofsd never listened");
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        d
-    }
-
-    fn log(&self) -> String {
-        std::fs::read_to_string(&self.log).unwrap_or_default()
-    }
-}
-
-impl Drop for Virtiofsd {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
 }
 
 /// Whatever a container printed, with its exit.
@@ -753,7 +701,7 @@ fn containers_run_in_the_guest_through_the_agent_api() {
     ] {
         build_rootfs(&share.join(id).join("rootfs"));
     }
-    let vfsd = Virtiofsd::start(tmp.path(), &share);
+    let vfsd = Virtiofsd::start(tmp.path(), &share, "vfsd", "auto", false);
     let opts = VmOptions {
         vcpus: 2,
         mem_mib: 384,

@@ -9,8 +9,8 @@
 //! requests give their codes. Needs KVM, root, /dev/net/tun and build/testhost/virtiofsd: run
 //! through tests/testhost/run (make e2e).
 
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::path::Path;
+use std::process::Command;
 use std::time::{Duration, Instant};
 
 use husk_proto::client::{
@@ -20,7 +20,8 @@ use husk_proto::client::{
 use husk_proto::network::RESOLV_CONF_PATH;
 use husk_proto::v1::NetworkInterfaceStats;
 use husk_proto::AGENT_VSOCK_PORT;
-use husk_tests::{project_root, vm_test_setup, VmOptions, VmProcess};
+use husk_tests::virtiofsd::Virtiofsd;
+use husk_tests::{vm_test_setup, VmOptions, VmProcess};
 use serde_json::{json, Value};
 
 const TAP: &str = "hkt-net0";
@@ -93,58 +94,6 @@ fn spec(id: &str, script: &str) -> Value {
             "namespaces": [{"type": "pid"}, {"type": "ipc"}, {"type": "uts"}, {"type": "mount"}]
         }
     })
-}
-
-/// A virtiofsd serving the share; killed on drop.
-struct Virtiofsd {
-    child: Child,
-    socket: PathBuf,
-    log: PathBuf,
-}
-
-impl Virtiofsd {
-    fn start(dir: &Path, shared: &Path) -> Virtiofsd {
-        let vfsd = project_root().join("build/testhost/virtiofsd");
-        assert!(
-            vfsd.is_file(),
-            "{} is missing: run 'make testhost'",
-            vfsd.display()
-        );
-        let socket = dir.join("vfsd.sock");
-        let log = dir.join("vfsd.log");
-        let child = Command::new(&vfsd)
-            .arg("--socket-path")
-            .arg(&socket)
-            .arg("--shared-dir")
-            .arg(shared)
-            .args(["--cache", "auto", "--sandbox", "namespace"])
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(std::fs::File::create(&log).unwrap())
-            .spawn()
-            .unwrap_or_else(|e| panic!("starting {vfsd:?}: {e}"));
-        let mut d = Virtiofsd { child, socket, log };
-        let deadline = Instant::now() + Duration::from_secs(20);
-        while !d.socket.exists() {
-            if let Ok(Some(st)) = d.child.try_wait() {
-                panic!("virtiofsd exited with {st}: {}", d.log());
-            }
-            assert!(Instant::now() < deadline, "virtiofsd never listened");
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        d
-    }
-
-    fn log(&self) -> String {
-        std::fs::read_to_string(&self.log).unwrap_or_default()
-    }
-}
-
-impl Drop for Virtiofsd {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
 }
 
 fn config(host_mac: &str) -> NetworkConfig {
@@ -372,7 +321,7 @@ fn setup_network_configures_the_guest_from_the_host() {
     for id in ["idle", "net"] {
         build_rootfs(&share.join(id).join("rootfs"));
     }
-    let vfsd = Virtiofsd::start(tmp.path(), &share);
+    let vfsd = Virtiofsd::start(tmp.path(), &share, "vfsd", "auto", false);
     let opts = VmOptions {
         vcpus: 2,
         mem_mib: 256,

@@ -5,83 +5,12 @@
 //! tests/images/guest-e2e.sh. Needs KVM, root and build/testhost/virtiofsd (make testhost): run
 //! through tests/testhost/run (make e2e).
 
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
+use std::path::Path;
+use std::process::Command;
+use std::time::Duration;
 
-use husk_tests::{project_root, result_lines, vm_test_setup, Artifacts, VmOptions, VmProcess};
-
-fn setup() -> (Artifacts, PathBuf) {
-    let a = vm_test_setup();
-    let vfsd = project_root().join("build/testhost/virtiofsd");
-    assert!(
-        vfsd.is_file(),
-        "{} is missing: run 'make testhost' (it installs virtiofsd)",
-        vfsd.display()
-    );
-    (a, vfsd)
-}
-
-/// A virtiofsd serving one directory; killed on drop.
-struct Daemon {
-    child: Child,
-    socket: PathBuf,
-    log: PathBuf,
-}
-
-impl Daemon {
-    fn start(vfsd: &Path, dir: &Path, shared: &Path, name: &str, readonly: bool) -> Daemon {
-        let socket = dir.join(format!("{name}.sock"));
-        let log = dir.join(format!("{name}.log"));
-        let mut cmd = Command::new(vfsd);
-        cmd.arg("--socket-path")
-            .arg(&socket)
-            .arg("--shared-dir")
-            .arg(shared)
-            .args(["--cache", "never", "--sandbox", "namespace"])
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(std::fs::File::create(&log).unwrap());
-        if readonly {
-            cmd.arg("--readonly");
-        }
-        let child = cmd
-            .spawn()
-            .unwrap_or_else(|e| panic!("starting {vfsd:?}: {e}"));
-        let mut d = Daemon { child, socket, log };
-        let deadline = Instant::now() + Duration::from_secs(20);
-        while !d.socket.exists() {
-            if let Ok(Some(st)) = d.child.try_wait() {
-                panic!("virtiofsd exited with {st} before listening: {}", d.log());
-            }
-            assert!(
-                Instant::now() < deadline,
-                "virtiofsd never listened: {}",
-                d.log()
-            );
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        d
-    }
-
-    fn log(&self) -> String {
-        std::fs::read_to_string(&self.log).unwrap_or_default()
-    }
-
-    fn fs_arg(&self, tag: &str) -> Vec<String> {
-        vec![
-            "--fs".into(),
-            format!("socket={},tag={tag}", self.socket.display()),
-        ]
-    }
-}
-
-impl Drop for Daemon {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
+use husk_tests::virtiofsd::Virtiofsd;
+use husk_tests::{result_lines, vm_test_setup, Artifacts, VmOptions, VmProcess};
 
 fn spawn_vm(a: &Artifacts, scenario: &str, extra_args: Vec<String>) -> VmProcess {
     VmProcess::spawn(a, &VmOptions::scenario(a, scenario, extra_args)).unwrap()
@@ -89,7 +18,7 @@ fn spawn_vm(a: &Artifacts, scenario: &str, extra_args: Vec<String>) -> VmProcess
 
 #[test]
 fn guest_uses_a_shared_directory_and_cannot_escape_it() {
-    let (a, vfsd) = setup();
+    let a = vm_test_setup();
     let tmp = tempfile::Builder::new()
         .prefix("husk-fs-")
         .tempdir_in("/tmp")
@@ -118,8 +47,8 @@ fn guest_uses_a_shared_directory_and_cannot_escape_it() {
         "proc-link",
     );
 
-    let rw = Daemon::start(&vfsd, root, &share, "rw", false);
-    let ro = Daemon::start(&vfsd, root, &ro_share, "ro", true);
+    let rw = Virtiofsd::start(root, &share, "rw", "never", false);
+    let ro = Virtiofsd::start(root, &ro_share, "ro", "never", true);
     let mut args = rw.fs_arg("husk-share");
     args.extend(ro.fs_arg("husk-ro"));
     let mut vm = spawn_vm(&a, "fs husk-share husk-ro", args);
@@ -203,11 +132,11 @@ fn guest_uses_a_shared_directory_and_cannot_escape_it() {
 
 #[test]
 fn vmm_survives_the_daemon_dying() {
-    let (a, vfsd) = setup();
+    let a = vm_test_setup();
     let tmp = tempfile::tempdir_in("/tmp").unwrap();
     let share = tmp.path().join("share");
     std::fs::create_dir(&share).unwrap();
-    let mut d = Daemon::start(&vfsd, tmp.path(), &share, "d", false);
+    let mut d = Virtiofsd::start(tmp.path(), &share, "d", "never", false);
     let mut vm = spawn_vm(&a, "fsdeath husk-share", d.fs_arg("husk-share"));
     vm.console_until("RESULT fs mounted", Duration::from_secs(120))
         .unwrap_or_else(|e| panic!("{e}\nstderr: {}\nvirtiofsd: {}", vm.stderr(), d.log()));
