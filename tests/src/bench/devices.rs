@@ -363,31 +363,37 @@ pub struct DeviceResults {
     qemu: Vec<VmSample>,
     host: Vec<FsSample>,
     secs: u32,
+    /// Rounds (1-based) dropped because a VM failed.
+    failed: Vec<usize>,
 }
 
 pub fn run(a: &Artifacts, runs: usize, secs: u32) -> anyhow::Result<DeviceResults> {
     let setup = Setup::new(secs)?;
     let (mut husk, mut qemu, mut host) = (Vec::new(), Vec::new(), Vec::new());
+    let mut failed = Vec::new();
     for round in 0..runs {
-        // Alternate which VMM goes first: a drift in the machine's load then favours neither.
-        if round % 2 == 0 {
-            husk.push(setup.husk(a, round)?);
-            qemu.push(setup.qemu(a, round)?);
-        } else {
-            qemu.push(setup.qemu(a, round)?);
-            husk.push(setup.husk(a, round)?);
+        match run_round(&setup, a, round) {
+            Ok((h, q, fs)) => {
+                eprintln!(
+                    "[bench] devices round {}/{runs}: husk {h:?} qemu {q:?} host fs {fs:?}",
+                    round + 1
+                );
+                husk.push(h);
+                qemu.push(q);
+                host.push(fs);
+            }
+            // A guest that dies under nested emulation (it happens to either peer, rarely)
+            // costs its round, not the run: the round is dropped whole so the peers stay paired.
+            Err(e) => {
+                eprintln!("[bench] devices round {}/{runs} FAILED: {e:#}", round + 1);
+                failed.push(round + 1);
+            }
         }
-        let fs = setup.husk_fs(a, round)?;
-        if let Some(last) = husk.last_mut() {
-            last.fs = Some(fs);
-        }
-        host.push(setup.host_fs()?);
-        eprintln!(
-            "[bench] devices round {}/{runs}: husk {:?} qemu {:?} host fs {:?}",
-            round + 1,
-            husk.last(),
-            qemu.last(),
-            host.last()
+    }
+    if husk.len() * 2 <= runs {
+        bail!(
+            "device benchmark: {} of {runs} rounds failed ({failed:?}); see the messages above",
+            failed.len()
         );
     }
     Ok(DeviceResults {
@@ -395,7 +401,26 @@ pub fn run(a: &Artifacts, runs: usize, secs: u32) -> anyhow::Result<DeviceResult
         qemu,
         host,
         secs,
+        failed,
     })
+}
+
+/// One round: a husk VM and a QEMU VM (order alternating), a husk VM with the share, the host fs.
+fn run_round(
+    setup: &Setup,
+    a: &Artifacts,
+    round: usize,
+) -> anyhow::Result<(VmSample, VmSample, FsSample)> {
+    // Alternate which VMM goes first: a drift in the machine's load then favours neither.
+    let (mut husk, qemu) = if round.is_multiple_of(2) {
+        let h = setup.husk(a, round)?;
+        (h, setup.qemu(a, round)?)
+    } else {
+        let q = setup.qemu(a, round)?;
+        (setup.husk(a, round)?, q)
+    };
+    husk.fs = Some(setup.husk_fs(a, round)?);
+    Ok((husk, qemu, setup.host_fs()?))
 }
 
 impl DeviceResults {
@@ -462,6 +487,7 @@ impl DeviceResults {
             r.insert(k, r2(v).into());
         }
         r.insert("device_runs", self.husk.len().into());
+        r.insert("device_rounds_failed", self.failed.len().into());
         r.insert("device_run_secs", self.secs.into());
     }
 
@@ -470,8 +496,13 @@ impl DeviceResults {
         let s = |v: &[VmSample], f: fn(&VmSample) -> f64, d| summary(&Self::col(v, f), d);
         let ratio = |a: Vec<f64>, b: Vec<f64>| median(&a) / median(&b);
         println!();
+        let dropped = if self.failed.is_empty() {
+            String::new()
+        } else {
+            format!(", rounds {:?} dropped: a VM failed", self.failed)
+        };
         println!(
-            "Devices ({} rounds, peers interleaved; fio and iperf3 {} s each; medians (min–max)):",
+            "Devices ({} rounds, peers interleaved; fio and iperf3 {} s each; medians (min–max){dropped}):",
             h.len(),
             self.secs
         );
