@@ -137,11 +137,43 @@ fn vmm_survives_the_daemon_dying() {
     let share = tmp.path().join("share");
     std::fs::create_dir(&share).unwrap();
     let mut d = Virtiofsd::start(tmp.path(), &share, "d", "never", false);
-    let mut vm = spawn_vm(&a, "fsdeath husk-share", d.fs_arg("husk-share"));
+    let mut opts = VmOptions::scenario(&a, "fsdeath husk-share", d.fs_arg("husk-share"));
+    opts.control_socket = true;
+    let mut vm = VmProcess::spawn(&a, &opts).unwrap();
     vm.console_until("RESULT fs mounted", Duration::from_secs(120))
         .unwrap_or_else(|e| panic!("{e}\nstderr: {}\nvirtiofsd: {}", vm.stderr(), d.log()));
+    let fs_stats = |vm: &VmProcess| {
+        let st = vm.control(r#"{"op":"stats"}"#).unwrap();
+        st["devices"]
+            .as_array()
+            .and_then(|d| d.iter().find(|d| d["type"] == "fs").cloned())
+            .unwrap_or_else(|| panic!("no fs device in the control socket's stats: {st}"))
+    };
+    let before = fs_stats(&vm);
+    assert_eq!(
+        (&before["tag"], &before["active"], &before["daemon_alive"]),
+        (&"husk-share".into(), &true.into(), &true.into()),
+        "{before}"
+    );
+    assert!(
+        before["interrupts"].as_u64().unwrap() > 0,
+        "mounting the share used the queues: {before}"
+    );
     d.child.kill().unwrap();
     d.child.wait().unwrap();
+    // The guest sleeps 4 s after mounting; the VMM sees the socket hang up within milliseconds.
+    let deadline = std::time::Instant::now() + Duration::from_secs(2);
+    loop {
+        let now = fs_stats(&vm);
+        if now["daemon_alive"] == false {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "stats still show the daemon alive 2 s after it was killed: {now}"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
     let rest = vm
         .console_until("HUSK-E2E-DONE", Duration::from_secs(60))
         .unwrap_or_else(|e| panic!("{e}\nstderr: {}", vm.stderr()));

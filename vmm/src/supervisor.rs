@@ -52,7 +52,12 @@ impl Supervisor<'_> {
         let mut ready = [EpollEvent::default(); 4];
         loop {
             let timeout = graceful_deadline.map_or(-1, |d| {
-                d.saturating_duration_since(Instant::now()).as_millis() as i32
+                // Round up so the wait does not end a millisecond early and spin; clamp, never wrap.
+                let ms = d
+                    .saturating_duration_since(Instant::now())
+                    .as_micros()
+                    .div_ceil(1000);
+                i32::try_from(ms).unwrap_or(i32::MAX)
             });
             let n = match epoll.wait(timeout, &mut ready) {
                 Ok(n) => n,
@@ -117,12 +122,8 @@ impl Supervisor<'_> {
                     json!({"ok": true, "state": "running"})
                 }
                 Request::Stats {} => {
-                    let devices: Vec<Value> = self
-                        .devices
-                        .iter()
-                        .enumerate()
-                        .map(|(slot, d)| d.stats(slot))
-                        .collect();
+                    let devices: Vec<Value> =
+                        self.devices.iter().map(DeviceHandle::stats).collect();
                     json!({"ok": true, "devices": devices})
                 }
                 Request::Stop {

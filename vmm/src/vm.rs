@@ -20,7 +20,7 @@ use vmm_sys_util::eventfd::EventFd;
 
 use crate::boot::{self, cpu, BootSpec};
 use crate::config::{ConsoleOutput, VmConfig, BASE_CMDLINE};
-use crate::control::{spawn_control_server, ControlCommand, DeviceHandle};
+use crate::control::{spawn_control_server, AttachedDevice, ControlCommand, DeviceHandle};
 use crate::devices::bus::{Bus, BusDevice};
 use crate::devices::i8042::{I8042, I8042_LEN, I8042_PORT};
 use crate::devices::serial::{SerialConsole, COM1_IRQ, COM1_LEN, COM1_PORT};
@@ -200,21 +200,21 @@ impl Vm {
                 what: "virtio-blk",
                 reason: e.to_string(),
             })?;
-            devices.push(DeviceHandle::Block(virtio.attach(dev)?));
+            devices.push(virtio.attach(dev, AttachedDevice::Block)?);
         }
         for net in &config.nets {
             let dev = Net::new(net.clone()).map_err(|e| VmError::Device {
                 what: "virtio-net",
                 reason: e.to_string(),
             })?;
-            devices.push(DeviceHandle::Net(virtio.attach(dev)?));
+            devices.push(virtio.attach(dev, AttachedDevice::Net)?);
         }
         for fs in &config.fs {
             let dev = Fs::new(fs.clone()).map_err(|e| VmError::Device {
                 what: "virtio-fs",
                 reason: e.to_string(),
             })?;
-            virtio.attach(dev)?;
+            devices.push(virtio.attach(dev, AttachedDevice::Fs)?);
         }
         if let Some(vs) = &config.vsock {
             let dev =
@@ -222,7 +222,7 @@ impl Vm {
                     what: "virtio-vsock",
                     reason: e.to_string(),
                 })?;
-            devices.push(DeviceHandle::Vsock(virtio.attach(dev)?));
+            devices.push(virtio.attach(dev, AttachedDevice::Vsock)?);
         }
         let subscribers = virtio.subscribers;
 
@@ -401,7 +401,12 @@ struct VirtioSlots<'a> {
 }
 
 impl VirtioSlots<'_> {
-    fn attach<D>(&mut self, device: D) -> Result<Arc<Mutex<D>>, VmError>
+    /// Attaches `device` at the next free slot; `kind` wraps it for the control socket's stats.
+    fn attach<D>(
+        &mut self,
+        device: D,
+        kind: fn(Arc<Mutex<D>>) -> AttachedDevice,
+    ) -> Result<DeviceHandle, VmError>
     where
         D: VirtioDevice + MutEventSubscriber + Send + 'static,
     {
@@ -429,7 +434,10 @@ impl VirtioSlots<'_> {
             .add_virtio_mmio_device(MMIO_LEN, GuestAddress(base), irq, None)
             .map_err(VmError::Cmdline)?;
         self.subscribers.push(device.clone());
-        Ok(device)
+        Ok(DeviceHandle {
+            slot,
+            device: kind(device),
+        })
     }
 }
 

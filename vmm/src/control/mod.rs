@@ -7,7 +7,7 @@ pub mod stats;
 
 pub use protocol::{Request, StopMode};
 pub use server::{spawn_control_server, ControlCommand};
-pub use stats::DeviceHandle;
+pub use stats::{AttachedDevice, DeviceHandle};
 
 #[derive(Debug, thiserror::Error)]
 pub enum ControlError {

@@ -5,13 +5,22 @@ use std::sync::{Arc, Mutex};
 use serde_json::{json, Value};
 
 use crate::devices::virtio::block::Block;
+use crate::devices::virtio::fs::Fs;
 use crate::devices::virtio::net::Net;
 use crate::devices::virtio::vsock::Vsock;
 
-/// A typed handle on a VM's virtio device, kept for reporting.
-pub enum DeviceHandle {
+/// A VM's virtio device, kept for reporting, with the virtio-mmio slot it occupies (the guest
+/// sees slot N at `VIRTIO_MMIO_START + N * 4 KiB`, IRQ `VIRTIO_FIRST_IRQ + N`).
+pub struct DeviceHandle {
+    pub slot: u64,
+    pub device: AttachedDevice,
+}
+
+/// A typed handle on one attached virtio device.
+pub enum AttachedDevice {
     Block(Arc<Mutex<Block>>),
     Net(Arc<Mutex<Net>>),
+    Fs(Arc<Mutex<Fs>>),
     Vsock(Arc<Mutex<Vsock>>),
 }
 
@@ -20,9 +29,10 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 }
 
 impl DeviceHandle {
-    pub fn stats(&self, slot: usize) -> Value {
-        match self {
-            DeviceHandle::Block(d) => {
+    pub fn stats(&self) -> Value {
+        let slot = self.slot;
+        match &self.device {
+            AttachedDevice::Block(d) => {
                 let d = lock(d);
                 let s = d.stats();
                 json!({
@@ -32,7 +42,7 @@ impl DeviceHandle {
                     "failed": s.failed, "unsupported": s.unsupported, "malformed": s.malformed,
                 })
             }
-            DeviceHandle::Net(d) => {
+            AttachedDevice::Net(d) => {
                 let d = lock(d);
                 let s = d.stats();
                 json!({
@@ -42,7 +52,14 @@ impl DeviceHandle {
                     "rx_dropped": s.rx_dropped, "rx_malformed": s.rx_malformed,
                 })
             }
-            DeviceHandle::Vsock(d) => {
+            AttachedDevice::Fs(d) => {
+                let d = lock(d);
+                json!({
+                    "type": "fs", "slot": slot, "active": d.is_active(), "tag": d.tag(),
+                    "daemon_alive": !d.is_dead(), "interrupts": d.interrupts(),
+                })
+            }
+            AttachedDevice::Vsock(d) => {
                 let d = lock(d);
                 json!({
                     "type": "vsock", "slot": slot, "active": d.is_active(),
