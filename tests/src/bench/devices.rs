@@ -13,9 +13,10 @@ use std::process::{Command, Stdio};
 use std::time::Duration;
 
 use anyhow::{bail, Context};
+use husk_tests::virtiofsd::Virtiofsd;
 use husk_tests::{line_reader, median, wait_child, Artifacts, GuestImage, VmOptions, VmProcess};
 
-use super::util::{built, field, r2, summary, wait_for_path, workdir, write_pattern, Daemon, Tap};
+use super::util::{built, field, r2, summary, workdir, write_pattern, Daemon, Tap};
 
 const TAP: &str = "hbench0";
 const HOST_IP: &str = "10.91.0.1";
@@ -52,7 +53,6 @@ pub struct Setup {
     initrd: PathBuf,
     tools: PathBuf,
     fsprobe: PathBuf,
-    virtiofsd: PathBuf,
     data: PathBuf,
     share: PathBuf,
     _tap: Tap,
@@ -65,7 +65,8 @@ impl Setup {
         let initrd = built("build/testhost/bench-initrd.img", hint)?;
         let tools = built("build/testhost/bench-tools.erofs", hint)?;
         let fsprobe = built("build/testhost/bench-fsprobe", hint)?;
-        let virtiofsd = built("build/testhost/virtiofsd", "run 'make testhost'")?;
+        // Fail before any VM boots if the daemon is missing.
+        husk_tests::virtiofsd::virtiofsd_path()?;
         let dir = workdir("husk-bench-dev-")?;
         let data = dir.path().join("data.img");
         write_pattern(&data, DATA_IMAGE_MIB << 20, 0x9e37_79b9)?;
@@ -81,7 +82,6 @@ impl Setup {
             initrd,
             tools,
             fsprobe,
-            virtiofsd,
             data,
             share,
             _tap: tap,
@@ -136,35 +136,25 @@ impl Setup {
 
     /// husk-vmm with the virtio-fs share only: the guest mounts it and runs bench-fsprobe.
     fn husk_fs(&self, a: &Artifacts, round: usize) -> anyhow::Result<FsSample> {
-        let sock = self.dir.path().join(format!("fs-{round}.sock"));
-        let log = self.dir.path().join(format!("virtiofsd-{round}.log"));
         // --cache auto: what a pod's share would use (the guest may cache, the host may change
         // files under it within the attribute timeout).
-        let mut vfsd = Daemon::spawn(
-            "virtiofsd",
-            Command::new(&self.virtiofsd)
-                .arg("--socket-path")
-                .arg(&sock)
-                .arg("--shared-dir")
-                .arg(&self.share)
-                .args(["--cache", "auto", "--sandbox", "namespace"])
-                .stdout(Stdio::null())
-                .stderr(std::fs::File::create(&log)?),
+        let mut vfsd = Virtiofsd::try_start(
+            self.dir.path(),
+            &self.share,
+            &format!("virtiofsd-{round}"),
+            "auto",
+            false,
         )?;
-        wait_for_path(&sock, &mut vfsd.child, "virtiofsd")?;
         let opts = VmOptions {
             mem_mib: GUEST_MIB,
             image: GuestImage::Initrd(self.initrd.clone()),
             extra_cmdline: Some(format!("bench_tag={FS_TAG}")),
             console_to_pipe: true,
-            extra_args: vec![
-                "--fs".into(),
-                format!("socket={},tag={FS_TAG}", sock.display()),
-            ],
+            extra_args: vfsd.fs_arg(FS_TAG),
             ..VmOptions::agent(a)
         };
-        let lines = self.run_husk(a, &opts, Some(&log))?;
-        let _ = vfsd.wait(Duration::from_secs(10));
+        let lines = self.run_husk(a, &opts, Some(vfsd.log_path()))?;
+        let _ = vfsd.wait_exit(Duration::from_secs(10));
         let get = |name: &str| bench_line(&lines, name);
         fs_sample(get("fs_read")?, get("fs_stat")?).context("husk virtio-fs VM")
     }

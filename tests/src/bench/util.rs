@@ -2,7 +2,7 @@
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use anyhow::{bail, Context};
 
@@ -105,21 +105,6 @@ pub fn write_pattern(path: &Path, len: usize, seed: u64) -> anyhow::Result<()> {
 pub fn field<'a>(line: &'a str, key: &str) -> Option<&'a str> {
     line.split_whitespace()
         .find_map(|w| w.strip_prefix(key)?.strip_prefix('='))
-}
-
-/// Waits until `path` exists or `child` exits.
-pub fn wait_for_path(path: &Path, child: &mut Child, what: &str) -> anyhow::Result<()> {
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while !path.exists() {
-        if let Some(st) = child.try_wait()? {
-            bail!("{what} exited with {st} before creating {}", path.display());
-        }
-        if Instant::now() > deadline {
-            bail!("{what} did not create {} within 30 s", path.display());
-        }
-        std::thread::sleep(Duration::from_millis(10));
-    }
-    Ok(())
 }
 
 /// Median and range of a sample, for the table ("median (min–max)").
