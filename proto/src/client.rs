@@ -11,6 +11,9 @@
 //!   ([`HANDSHAKE_MAX_LINE`]) and a timeout, and must be exactly `OK <u32>\n`;
 //! * every RPC has a deadline, decoded messages are capped
 //!   ([`ClientOptions::max_decoding_message_size`]) and so are HTTP/2 headers;
+//! * every reply is decoded strictly: a field unknown to this API revision,
+//!   at any nesting level, fails the call with
+//!   [`ClientError::ReplyRejected`] (see [`crate::strict_codec`]);
 //! * every reply is validated (string lengths, no control characters, value
 //!   ranges, API revision) before it is handed out as a typed value;
 //! * text from the guest that ends up in an error (gRPC status messages,
@@ -34,6 +37,7 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt};
 use tokio::net::UnixStream;
 use tonic::transport::{Channel, Endpoint, Uri};
 
+use crate::strict_codec::StrictDecodeError;
 use crate::v1::agent_service_client::AgentServiceClient;
 use crate::v1::{
     CloseStdinRequest, CreateContainerRequest, ExecProcessRequest, GuestInfoRequest,
@@ -239,6 +243,22 @@ pub enum ClientError {
         /// Why it was rejected.
         reason: String,
     },
+    /// A reply was refused while decoding: a field unknown to this API
+    /// revision (at any nesting level), or not valid protobuf. The guest is
+    /// untrusted, so replies are decoded as strictly as the agent decodes
+    /// requests (see [`crate::strict_codec`]).
+    #[error("hybrid vsock {} port {port}: {method}: reply rejected: {source}", path.display())]
+    ReplyRejected {
+        /// VMM socket.
+        path: PathBuf,
+        /// Guest vsock port.
+        port: u32,
+        /// RPC name.
+        method: &'static str,
+        /// What the decoder refused.
+        #[source]
+        source: StrictDecodeError,
+    },
     /// The caller's request was refused before sending (bad id, too large).
     #[error("{method}: invalid request field {field}: {reason}")]
     InvalidRequest {
@@ -282,6 +302,7 @@ impl ClientError {
             ),
             ClientError::ApiVersionMismatch { .. }
             | ClientError::InvalidReply { .. }
+            | ClientError::ReplyRejected { .. }
             | ClientError::InvalidRequest { .. }
             | ClientError::DeadlineExceeded { .. } => false,
         }
@@ -1329,6 +1350,18 @@ impl AgentClient {
     }
 
     fn rpc_error(&self, method: &'static str, status: &tonic::Status) -> ClientError {
+        // The strict decoder's own refusal of a reply carries the error as
+        // the status's source; a status sent by the agent never has one.
+        let rejected =
+            std::error::Error::source(status).and_then(|e| e.downcast_ref::<StrictDecodeError>());
+        if let Some(e) = rejected {
+            return ClientError::ReplyRejected {
+                path: self.uds_path.clone(),
+                port: self.port,
+                method,
+                source: e.clone(),
+            };
+        }
         ClientError::Rpc {
             path: self.uds_path.clone(),
             port: self.port,
@@ -1349,13 +1382,7 @@ impl AgentClient {
                 method,
                 timeout: self.request_timeout,
             }),
-            Ok(Err(status)) => Err(ClientError::Rpc {
-                path: self.uds_path.clone(),
-                port: self.port,
-                method,
-                code: status.code(),
-                message: sanitize_for_error(status.message().as_bytes()),
-            }),
+            Ok(Err(status)) => Err(self.rpc_error(method, &status)),
             Ok(Ok(resp)) => Ok(resp.into_inner()),
         }
     }

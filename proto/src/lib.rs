@@ -10,6 +10,10 @@
 //!   call in time and size, and validates every reply, since the guest is
 //!   untrusted.
 //!
+//! * [`strict_codec`] is the codec of every generated method: it refuses
+//!   messages with fields unknown to this API revision (prost would drop them
+//!   silently), in the agent's requests and in the client's replies alike.
+//!
 //! Versioning: see the comments at the top of `agent.proto`. [`API_VERSION`]
 //! is the API revision this crate implements; the agent reports its own in
 //! `PingResponse.api_version` and the client refuses a mismatch.
@@ -27,6 +31,7 @@ pub mod client;
 
 pub mod network;
 pub mod storage;
+pub mod strict_codec;
 
 #[cfg(feature = "test-util")]
 pub mod testing;
