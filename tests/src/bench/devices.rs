@@ -22,6 +22,8 @@ const TAP: &str = "hbench0";
 const HOST_IP: &str = "10.91.0.1";
 const GUEST_IP: &str = "10.91.0.2";
 const FS_TAG: &str = "benchfs";
+/// Round trips per eventfd hop measurement (well under a second in the test host).
+const HOP_TRIPS: usize = 2000;
 /// Guest RAM for both peers (fio and iperf3 with their libraries run from the tools disk).
 const GUEST_MIB: u64 = 512;
 const DATA_IMAGE_MIB: usize = 256;
@@ -352,6 +354,8 @@ pub struct DeviceResults {
     husk: Vec<VmSample>,
     qemu: Vec<VmSample>,
     host: Vec<FsSample>,
+    /// The daemon → VMM eventfd wake-up that vhost-user adds per request, µs (one per round).
+    hop_us: Vec<f64>,
     secs: u32,
     /// Rounds (1-based) dropped because a VM failed.
     failed: Vec<usize>,
@@ -360,6 +364,7 @@ pub struct DeviceResults {
 pub fn run(a: &Artifacts, runs: usize, secs: u32) -> anyhow::Result<DeviceResults> {
     let setup = Setup::new(secs)?;
     let (mut husk, mut qemu, mut host) = (Vec::new(), Vec::new(), Vec::new());
+    let mut hop_us = Vec::new();
     let mut failed = Vec::new();
     for round in 0..runs {
         match run_round(&setup, a, round) {
@@ -371,6 +376,7 @@ pub fn run(a: &Artifacts, runs: usize, secs: u32) -> anyhow::Result<DeviceResult
                 husk.push(h);
                 qemu.push(q);
                 host.push(fs);
+                hop_us.push(super::eventfd_hop::median_hop_us(HOP_TRIPS)?);
             }
             // A guest that dies under nested emulation (it happens to either peer, rarely)
             // costs its round, not the run: the round is dropped whole so the peers stay paired.
@@ -390,6 +396,7 @@ pub fn run(a: &Artifacts, runs: usize, secs: u32) -> anyhow::Result<DeviceResult
         husk,
         qemu,
         host,
+        hop_us,
         secs,
         failed,
     })
@@ -466,6 +473,8 @@ impl DeviceResults {
             ("fs_stat_guest_us", gstat),
             ("fs_stat_host_us", hstat),
             ("fs_stat_vs_host", hstat / gstat),
+            ("fs_vhost_hop_us", median(&self.hop_us)),
+            ("fs_vhost_hop_vs_stat", median(&self.hop_us) / gstat),
         ] {
             r.insert(k, r2(v).into());
         }
@@ -545,6 +554,13 @@ impl DeviceResults {
             summary(&col(&g, |x| x.stat_us), 1),
             summary(&col(&self.host, |x| x.stat_us), 2),
             median(&col(&self.host, |x| x.stat_us)) / median(&col(&g, |x| x.stat_us))
+        );
+        // What an in-VMM FUSE server would save per request (docs/shared-fs.md, "Decision").
+        let hop = median(&self.hop_us);
+        println!(
+            "| vhost-user's extra hop (daemon → VMM eventfd wake-up), µs per request | {:.0}% of a guest lstat | {} | |",
+            100.0 * hop / median(&col(&g, |x| x.stat_us)),
+            summary(&self.hop_us, 1),
         );
     }
 }

@@ -2,5 +2,6 @@
 //! `#[path]` so the harness library stays as it is).
 
 pub mod devices;
+pub mod eventfd_hop;
 pub mod image;
 pub mod util;
