@@ -24,8 +24,7 @@ pub fn parse_spec(json: &[u8]) -> Result<Spec, EngineError> {
             format!("{} bytes, limit {}", json.len(), husk_proto::MAX_SPEC_SIZE),
         ));
     }
-    let spec: Spec = serde_json::from_slice(json)
-        .map_err(|e| EngineError::invalid("oci_spec_json", e.to_string()))?;
+    let spec: Spec = parse_json("oci_spec_json", json)?;
     if spec.process().is_none() {
         return Err(EngineError::invalid("process", "required"));
     }
@@ -54,7 +53,26 @@ pub fn parse_process(json: &[u8]) -> Result<Process, EngineError> {
             format!("{} bytes, limit {}", json.len(), husk_proto::MAX_SPEC_SIZE),
         ));
     }
-    serde_json::from_slice(json).map_err(|e| EngineError::invalid("process_json", e.to_string()))
+    parse_json("process_json", json)
+}
+
+/// Deserializes `json`; a type error names the JSON path of the offending value (e.g.
+/// `oci_spec_json.linux.resources.memory.limit`), not only its line and column.
+fn parse_json<T: serde::de::DeserializeOwned>(what: &str, json: &[u8]) -> Result<T, EngineError> {
+    let mut de = serde_json::Deserializer::from_slice(json);
+    let value = serde_path_to_error::deserialize(&mut de).map_err(|e| {
+        let path = e.path().to_string();
+        let field = if path == "." || path.is_empty() {
+            what.to_string()
+        } else {
+            format!("{what}.{path}")
+        };
+        EngineError::invalid(field, e.into_inner().to_string())
+    })?;
+    // Trailing bytes after the object are as malformed as a truncated one.
+    de.end()
+        .map_err(|e| EngineError::invalid(what.to_string(), e.to_string()))?;
+    Ok(value)
 }
 
 /// Builds the user-facing part of a child plan from `process`: user, caps,
@@ -191,6 +209,21 @@ mod tests {
         assert!(e.to_string().contains("hooks"), "{e}");
         let big = vec![b' '; husk_proto::MAX_SPEC_SIZE + 1];
         assert!(parse_spec(&big).is_err());
+        // A wrongly typed value deep in the spec is named by its path.
+        let e = parse_spec(
+            br#"{"ociVersion":"1.0.2","process":{"user":{"uid":0,"gid":0},"cwd":"/"},"linux":{"resources":{"memory":{"limit":"lots"}}}}"#,
+        )
+        .unwrap_err();
+        assert!(
+            e.to_string()
+                .contains("oci_spec_json.linux.resources.memory.limit"),
+            "{e}"
+        );
+        let e =
+            parse_process(br#"{"user":{"uid":0,"gid":0},"cwd":"/","args":["sh",7]}"#).unwrap_err();
+        assert!(e.to_string().contains("process_json.args[1]"), "{e}");
+        let e = parse_process(br#"{"user":{"uid":0,"gid":0},"cwd":"/"} trailing"#).unwrap_err();
+        assert!(e.to_string().contains("process_json"), "{e}");
     }
 
     #[test]
