@@ -1663,6 +1663,10 @@ mod tests {
 /// End-to-end tests: the real client against the real generated server, over
 /// a Unix socket behind a fake VMM that speaks the hybrid handshake.
 #[cfg(all(test, feature = "server", feature = "test-util"))]
+#[path = "client_strict_tests.rs"]
+mod strict_tests;
+
+#[cfg(all(test, feature = "server", feature = "test-util"))]
 mod e2e_tests {
     use super::*;
     use crate::testing::{Behavior, HybridVsockProxy};
@@ -1672,7 +1676,7 @@ mod e2e_tests {
     use tonic::{Request, Response, Status};
 
     #[derive(Clone)]
-    struct TestAgent {
+    pub(super) struct TestAgent {
         ping: PingResponse,
         info: GuestInfoResponse,
         delay: Duration,
@@ -1690,7 +1694,7 @@ mod e2e_tests {
         /// memory.stat) instead of 200 memory.stat keys.
         network_stats: Option<Vec<NetworkInterfaceStats>>,
         /// SetupNetwork requests received.
-        network_requests: Arc<Mutex<Vec<SetupNetworkRequest>>>,
+        pub(super) network_requests: Arc<Mutex<Vec<SetupNetworkRequest>>>,
     }
 
     impl Default for TestAgent {
@@ -1968,7 +1972,7 @@ mod e2e_tests {
         });
     }
 
-    fn fast_opts() -> ClientOptions {
+    pub(super) fn fast_opts() -> ClientOptions {
         ClientOptions {
             handshake_timeout: Duration::from_millis(500),
             connect_timeout: Duration::from_secs(2),
@@ -1977,7 +1981,7 @@ mod e2e_tests {
         }
     }
 
-    async fn setup(agent: TestAgent) -> (tempfile::TempDir, HybridVsockProxy) {
+    pub(super) async fn setup(agent: TestAgent) -> (tempfile::TempDir, HybridVsockProxy) {
         let dir = tempfile::tempdir().unwrap();
         let guest = dir.path().join("guest.sock");
         serve(guest.clone(), agent).await;
