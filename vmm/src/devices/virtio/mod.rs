@@ -3,11 +3,14 @@
 //! The split is the usual one: [`mmio::MmioTransport`] owns everything the guest driver programs
 //! through registers (status, features, queue addresses) and hands a device implementing
 //! [`VirtioDevice`] its ready queues on `DRIVER_OK`. Devices signal the guest through the shared
-//! [`IrqTrigger`].
+//! [`IrqTrigger`]. A device whose ring breaks at run time says so through
+//! [`VirtioDevice::needs_reset`] and raises a config interrupt ([`health`]); the transport then
+//! shows `DEVICE_NEEDS_RESET` in the status register until the driver resets it.
 
 pub mod block;
 pub mod chain;
 pub mod fs;
+pub mod health;
 pub mod mmio;
 pub mod net;
 #[cfg(test)]
@@ -155,8 +158,10 @@ pub trait VirtioDevice: Send {
     ) -> Result<(), ActivateError>;
     /// Stops the device and drops everything tied to the current driver instance.
     fn reset(&mut self);
-    /// Whether the device broke on its own after activation (e.g. its backend process died);
-    /// the transport then reports `DEVICE_NEEDS_RESET`.
+    /// Whether the device broke on its own after activation (e.g. its backend process died or
+    /// the driver corrupted a ring); the transport then reports `DEVICE_NEEDS_RESET`. The device
+    /// raises the config interrupt itself when it breaks, and a reset clears the condition
+    /// unless the backend is gone for good.
     fn needs_reset(&self) -> bool {
         false
     }

@@ -28,6 +28,7 @@ use vmm_sys_util::epoll::EventSet;
 use vmm_sys_util::eventfd::EventFd;
 
 use super::chain;
+use super::health::{self, warn_limited, DeviceState, LogLimit, RingError};
 use super::{
     check_activation, read_config_bytes, ActivateError, GuestMemory, IrqTrigger, VirtioDevice,
     VIRTIO_F_VERSION_1, VIRTIO_MMIO_INT_VRING, VIRTIO_RING_F_EVENT_IDX,
@@ -118,6 +119,22 @@ struct Active {
     irq: IrqTrigger,
 }
 
+impl AsRef<IrqTrigger> for Active {
+    fn as_ref(&self) -> &IrqTrigger {
+        &self.irq
+    }
+}
+
+/// Index of the request queue.
+const REQUEST_QUEUE: usize = 0;
+
+/// Rate limits for what a guest can make us log per request.
+#[derive(Default)]
+struct Logs {
+    malformed: LogLimit,
+    failed: LogLimit,
+}
+
 pub struct Block {
     path: PathBuf,
     disk: Disk,
@@ -125,10 +142,11 @@ pub struct Block {
     acked_features: u64,
     config: [u8; CONFIG_LEN],
     ctl_evt: EventFd,
-    active: Option<Active>,
+    state: DeviceState<Active>,
     /// Queue eventfd clone currently registered with the event manager.
     registered: Option<EventFd>,
     stats: BlockStats,
+    logs: Logs,
 }
 
 impl Block {
@@ -195,9 +213,10 @@ impl Block {
             acked_features: 0,
             config,
             ctl_evt,
-            active: None,
+            state: DeviceState::default(),
             registered: None,
             stats: BlockStats::default(),
+            logs: Logs::default(),
         })
     }
 
@@ -215,7 +234,7 @@ impl Block {
     }
 
     pub fn is_active(&self) -> bool {
-        self.active.is_some()
+        self.state.is_active()
     }
 
     /// Features the driver accepted.
@@ -227,66 +246,21 @@ impl Block {
         self.stats
     }
 
-    /// Executes every available request, then interrupts the guest once (if it asked for it).
-    ///
-    /// While the ring is drained, driver notifications are suppressed (with EVENT_IDX the
-    /// `avail_event` stays behind, otherwise `VRING_USED_F_NO_NOTIFY` is set): requests the guest
-    /// queues meanwhile are picked up by the re-check below instead of each costing a VM exit.
+    /// Executes the available requests (at most [`REQUESTS_PER_WAKEUP`]), then interrupts the
+    /// guest once (if it asked for it). A broken ring puts the device into `NEEDS_RESET`.
     pub fn process_queue(&mut self) {
-        let Some(a) = self.active.as_mut() else {
-            return;
-        };
-        let mut used = false;
-        let mut budget = REQUESTS_PER_WAKEUP;
-        loop {
-            // Errors here mean the ring's memory is invalid: the chains themselves will fail to
-            // parse, and notifications merely stay as they are.
-            if let Err(e) = a.queue.disable_notification(&a.mem) {
-                debug!("virtio-blk: cannot suppress notifications: {e}");
-            }
-            let pass_start = a.queue.next_avail();
-            while budget > 0 {
-                let Some(chain) = a.queue.pop_descriptor_chain(&a.mem) else {
-                    break;
-                };
-                budget -= 1;
-                let head = chain.head_index();
-                let len = handle_chain(&self.disk, &mut self.stats, &a.mem, chain);
-                if let Err(e) = a.queue.add_used(&a.mem, head, len) {
-                    warn!(head, "virtio-blk: cannot add used descriptor: {e}");
-                }
-                used = true;
-            }
-            if budget == 0 {
-                // Come back after the other devices had their turn; notifications stay off
-                // until then, so the self-notification is what wakes us.
-                if let Err(e) = a.evt.write(1) {
-                    warn!("virtio-blk: cannot reschedule the queue: {e}");
-                }
-                break;
-            }
-            // Re-enable, then look once more: a request queued between the last pop and the
-            // re-enable would otherwise wait for a notification that never comes. "More" after
-            // a pass that popped nothing is a broken ring (an available index beyond the queue
-            // size makes every pop fail), not a race: stop rather than spin on it.
-            match a.queue.enable_notification(&a.mem) {
-                Ok(true) if a.queue.next_avail() != pass_start => continue,
-                Ok(true) => {
-                    debug!("virtio-blk: available ring index is invalid; waiting for a reset");
-                    break;
-                }
-                Ok(false) => break,
-                Err(e) => {
-                    debug!("virtio-blk: cannot re-enable notifications: {e}");
-                    break;
+        let (disk, stats, logs) = (&self.disk, &mut self.stats, &mut self.logs);
+        self.state.run("virtio-blk", |a| {
+            let mut used = false;
+            let res = drain_queue(a, disk, stats, logs, &mut used);
+            // Completed requests are the driver's even if the ring broke afterwards.
+            if used && a.queue.needs_notification(&a.mem).unwrap_or(true) {
+                if let Err(e) = a.irq.trigger(VIRTIO_MMIO_INT_VRING) {
+                    warn!("virtio-blk: cannot signal used ring: {e}");
                 }
             }
-        }
-        if used && a.queue.needs_notification(&a.mem).unwrap_or(true) {
-            if let Err(e) = a.irq.trigger(VIRTIO_MMIO_INT_VRING) {
-                warn!("virtio-blk: cannot signal used ring: {e}");
-            }
-        }
+            res
+        });
     }
 
     /// Makes the event manager watch exactly what the current state needs.
@@ -296,7 +270,7 @@ impl Block {
                 warn!("virtio-blk: cannot unregister queue eventfd: {e:?}");
             }
         }
-        let Some(a) = self.active.as_ref() else {
+        let Some(a) = self.state.active() else {
             return;
         };
         match a.evt.try_clone() {
@@ -311,10 +285,59 @@ impl Block {
     }
 }
 
+/// Drains the request queue within the per-wakeup budget; `used` tells whether any request was
+/// returned to the driver.
+///
+/// While the ring is drained, driver notifications are suppressed (with EVENT_IDX the
+/// `avail_event` stays behind, otherwise `VRING_USED_F_NO_NOTIFY` is set): requests the guest
+/// queues meanwhile are picked up by the re-check below instead of each costing a VM exit.
+fn drain_queue(
+    a: &mut Active,
+    disk: &Disk,
+    stats: &mut BlockStats,
+    logs: &mut Logs,
+    used: &mut bool,
+) -> Result<(), RingError> {
+    let q = REQUEST_QUEUE;
+    let mut budget = REQUESTS_PER_WAKEUP;
+    loop {
+        health::disable_notification(&mut a.queue, &a.mem, q)?;
+        let pass_start = a.queue.next_avail();
+        while budget > 0 {
+            let Some(chain) = health::pop(&mut a.queue, &a.mem, q)? else {
+                break;
+            };
+            budget -= 1;
+            let head = chain.head_index();
+            let len = handle_chain(disk, stats, logs, &a.mem, chain);
+            health::add_used(&mut a.queue, &a.mem, q, head, len)?;
+            *used = true;
+        }
+        if budget == 0 {
+            // Come back after the other devices had their turn; notifications stay off until
+            // then, so the self-notification is what wakes us.
+            if let Err(e) = a.evt.write(1) {
+                warn!("virtio-blk: cannot reschedule the queue: {e}");
+            }
+            return Ok(());
+        }
+        // Re-enable, then look once more: a request queued between the last pop and the
+        // re-enable would otherwise wait for a notification that never comes. "More" after a
+        // pass that popped nothing cannot be a race (the next pop would have succeeded): the
+        // ring is broken, and spinning on it would hang the event loop.
+        match health::enable_notification(&mut a.queue, &a.mem, q)? {
+            true if a.queue.next_avail() != pass_start => continue,
+            true => return Err(RingError::Stuck { queue: q }),
+            false => return Ok(()),
+        }
+    }
+}
+
 /// Validates and executes one chain; returns the used length.
 fn handle_chain<M>(
     disk: &Disk,
     stats: &mut BlockStats,
+    logs: &mut Logs,
     mem: &GuestMemory,
     chain: virtio_queue::DescriptorChain<M>,
 ) -> u32
@@ -328,12 +351,12 @@ where
     {
         Ok(rc) => rc,
         Err(e) => {
-            record_malformed(stats, &e);
+            record_malformed(stats, logs, &e);
             return 0;
         }
     };
     let Some(status_addr) = rc.status_addr() else {
-        record_malformed(stats, &Malformed::NoStatus);
+        record_malformed(stats, logs, &Malformed::NoStatus);
         return 0;
     };
     let (status, data_len) = match disk.execute(mem, &rc) {
@@ -357,40 +380,24 @@ where
                 request::RequestError::Unsupported(_) => stats.unsupported += 1,
                 _ => stats.failed += 1,
             }
-            log_failure(stats.failed + stats.unsupported, &e);
+            warn_limited!(logs.failed, "virtio-blk: request failed: {e}");
             (e.status(), 0)
         }
     };
     if !request::write_status(mem, status_addr, status) {
         // Cannot happen for a validated chain (its memory was checked), but never trust it.
-        record_malformed(stats, &Malformed::NoStatus);
+        record_malformed(stats, logs, &Malformed::NoStatus);
         return 0;
     }
     data_len.saturating_add(1)
 }
 
-/// The first few problems loudly, then quietly, so a hostile guest cannot flood the host log.
-const LOUD: u64 = 16;
-
-fn record_malformed(stats: &mut BlockStats, e: &Malformed) {
+fn record_malformed(stats: &mut BlockStats, logs: &mut Logs, e: &Malformed) {
     stats.malformed += 1;
-    let n = stats.malformed;
-    if n <= LOUD || n.is_power_of_two() {
-        warn!(
-            dropped = n,
-            "virtio-blk: dropping malformed descriptor chain: {e}"
-        );
-    } else {
-        debug!("virtio-blk: dropping malformed descriptor chain: {e}");
-    }
-}
-
-fn log_failure(n: u64, e: &request::RequestError) {
-    if n <= LOUD || n.is_power_of_two() {
-        warn!(failed = n, "virtio-blk: request failed: {e}");
-    } else {
-        debug!("virtio-blk: request failed: {e}");
-    }
+    warn_limited!(
+        logs.malformed,
+        "virtio-blk: dropping malformed descriptor chain: {e}"
+    );
 }
 
 impl VirtioDevice for Block {
@@ -430,7 +437,7 @@ impl VirtioDevice for Block {
         mut queue_evts: Vec<EventFd>,
         interrupt: IrqTrigger,
     ) -> Result<(), ActivateError> {
-        check_activation(self.active.is_some(), 1, &queues, &queue_evts)?;
+        check_activation(!self.state.is_inactive(), 1, &queues, &queue_evts)?;
         let (Some(mut queue), Some(evt)) = (queues.pop(), queue_evts.pop()) else {
             return Err(ActivateError::QueueCount {
                 expected: 1,
@@ -439,7 +446,7 @@ impl VirtioDevice for Block {
         };
         queue.set_event_idx(self.acked_features & (1 << VIRTIO_RING_F_EVENT_IDX) != 0);
         self.ctl_evt.write(1).map_err(ActivateError::EventFd)?;
-        self.active = Some(Active {
+        self.state.activate(Active {
             mem,
             queue,
             evt,
@@ -449,11 +456,15 @@ impl VirtioDevice for Block {
     }
 
     fn reset(&mut self) {
-        self.active = None;
+        self.state.reset();
         self.acked_features = 0;
         if let Err(e) = self.ctl_evt.write(1) {
             warn!("virtio-blk: cannot signal reset to the event loop: {e}");
         }
+    }
+
+    fn needs_reset(&self) -> bool {
+        self.state.needs_reset()
     }
 }
 

@@ -42,6 +42,7 @@ use vmm_sys_util::epoll::EventSet;
 use vmm_sys_util::eventfd::EventFd;
 
 use super::chain::{self, ChainError, GuestBufs};
+use super::health::{self, warn_limited, DeviceState, LogLimit, RingError};
 use super::{
     check_activation, read_config_bytes, ActivateError, GuestMemory, IrqTrigger, VirtioDevice,
     VIRTIO_F_VERSION_1, VIRTIO_MMIO_INT_VRING, VIRTIO_RING_F_EVENT_IDX,
@@ -132,6 +133,12 @@ struct Active {
     irq: IrqTrigger,
 }
 
+impl AsRef<IrqTrigger> for Active {
+    fn as_ref(&self) -> &IrqTrigger {
+        &self.irq
+    }
+}
+
 /// A validated rx buffer taken from the queue but not yet returned.
 struct RxChain {
     head: u16,
@@ -147,12 +154,26 @@ struct Rx {
     reserved_bytes: u64,
     /// The guest has no buffers for us: do not poll the tap for input.
     stalled: bool,
+    /// Rx problems a guest (or a peer on the tap) can cause at will.
+    log: LogLimit,
+}
+
+impl Rx {
+    /// Forgets every frame and buffer of the current driver instance.
+    fn clear(&mut self) {
+        self.pending = 0;
+        self.reserved.clear();
+        self.reserved_bytes = 0;
+        self.stalled = false;
+    }
 }
 
 struct Tx {
     buf: Box<[u8]>,
     /// The tap returned EAGAIN: wait for it to become writable.
     blocked: bool,
+    /// Tx frames we drop; the guest chooses how many.
+    log: LogLimit,
 }
 
 pub struct Net {
@@ -162,7 +183,7 @@ pub struct Net {
     avail_features: u64,
     acked_features: u64,
     ctl_evt: EventFd,
-    active: Option<Active>,
+    state: DeviceState<Active>,
     /// Queue eventfd clones currently registered with the event manager (by index).
     registered: Vec<EventFd>,
     /// The tap's current registration with the event manager, if any.
@@ -172,7 +193,6 @@ pub struct Net {
     rx: Rx,
     tx: Tx,
     stats: NetStats,
-    log_count: u64,
 }
 
 impl Net {
@@ -213,7 +233,7 @@ impl Net {
             avail_features,
             acked_features: 0,
             ctl_evt,
-            active: None,
+            state: DeviceState::default(),
             registered: Vec::new(),
             tap_events: None,
             tap_failed: false,
@@ -223,13 +243,14 @@ impl Net {
                 reserved: VecDeque::new(),
                 reserved_bytes: 0,
                 stalled: false,
+                log: LogLimit::default(),
             },
             tx: Tx {
                 buf: vec![0u8; MAX_FRAME_LEN].into_boxed_slice(),
                 blocked: false,
+                log: LogLimit::default(),
             },
             stats: NetStats::default(),
-            log_count: 0,
         })
     }
 
@@ -244,7 +265,7 @@ impl Net {
     }
 
     pub fn is_active(&self) -> bool {
-        self.active.is_some()
+        self.state.is_active()
     }
 
     pub fn acked_features(&self) -> u64 {
@@ -257,177 +278,51 @@ impl Net {
 
     /// Whether the device currently wants to read from the tap (false under rx backpressure).
     pub fn wants_tap_input(&self) -> bool {
-        self.active.is_some() && !self.rx.stalled && !self.tap_failed
+        self.state.is_active() && !self.rx.stalled && !self.tap_failed
     }
 
     fn has(&self, bit: u32) -> bool {
         self.acked_features & (1 << bit) != 0
     }
 
-    fn log(&mut self, msg: std::fmt::Arguments) {
-        self.log_count += 1;
-        if self.log_count <= 16 || self.log_count.is_power_of_two() {
-            warn!(events = self.log_count, "virtio-net: {msg}");
-        } else {
-            debug!("virtio-net: {msg}");
-        }
-    }
-
-    /// Sends every frame the guest queued, then interrupts it once.
+    /// Sends the frames the guest queued (at most [`TX_BATCH`]), then interrupts it once.
     pub fn process_tx(&mut self) {
+        let was_active = self.state.is_active();
         let acked = self.acked_features;
-        let Some(a) = self.active.as_mut() else {
-            return;
-        };
-        let mut used = false;
-        let mut problems = Vec::new();
-        let mut budget = TX_BATCH;
-        self.tx.blocked = false;
-        'drain: loop {
-            // No notifications while we drain: frames queued meanwhile are found by the
-            // re-check below. Errors mean invalid ring memory; the chains then fail to parse.
-            if let Err(e) = a.queues[TXQ].disable_notification(&a.mem) {
-                debug!("virtio-net: cannot suppress tx notifications: {e}");
+        let (tap, tx, stats) = (&self.tap, &mut self.tx, &mut self.stats);
+        self.state.run("virtio-net", |a| {
+            let mut used = false;
+            let res = drain_tx(a, tap, tx, stats, acked, &mut used);
+            if used {
+                notify(a, TXQ);
             }
-            let pass_start = a.queues[TXQ].next_avail();
-            while budget > 0 {
-                let Some(chain) = a.queues[TXQ].pop_descriptor_chain(&a.mem) else {
-                    break;
-                };
-                budget -= 1;
-                let head = chain.head_index();
-                match send_frame(&self.tap, &mut self.tx.buf, acked, &a.mem, chain) {
-                    Ok(n) => {
-                        self.stats.tx_frames += 1;
-                        self.stats.tx_bytes += n as u64;
-                    }
-                    Err(TxError::WouldBlock) => {
-                        // Keep the chain for when the tap is writable again; notifications
-                        // stay off until then (the tap's writability wakes us).
-                        a.queues[TXQ].go_to_previous_position();
-                        self.tx.blocked = true;
-                        break 'drain;
-                    }
-                    Err(e) => {
-                        if matches!(e, TxError::Chain(_) | TxError::Writable | TxError::Short(_)) {
-                            self.stats.tx_malformed += 1;
-                        } else {
-                            self.stats.tx_dropped += 1;
-                        }
-                        if problems.len() < 4 {
-                            problems.push(e);
-                        }
-                    }
-                }
-                if let Err(e) = a.queues[TXQ].add_used(&a.mem, head, 0) {
-                    warn!(head, "virtio-net: cannot add used tx descriptor: {e}");
-                }
-                used = true;
-            }
-            if budget == 0 {
-                // Let the other devices run; the self-notification brings us back.
-                if let Err(e) = a.evts[TXQ].write(1) {
-                    warn!("virtio-net: cannot reschedule tx: {e}");
-                }
-                break;
-            }
-            // Re-enable, then look once more: a frame queued between the last pop and the
-            // re-enable would otherwise wait for a notification that never comes. "More" after
-            // a pass that popped nothing is a broken ring, not a race: stop rather than spin.
-            match a.queues[TXQ].enable_notification(&a.mem) {
-                Ok(true) if a.queues[TXQ].next_avail() != pass_start => continue,
-                Ok(true) => {
-                    debug!("virtio-net: tx available ring index is invalid; waiting for a reset");
-                    break;
-                }
-                Ok(false) => break,
-                Err(e) => {
-                    debug!("virtio-net: cannot re-enable tx notifications: {e}");
-                    break;
-                }
-            }
-        }
-        if used {
-            notify(a, TXQ);
-        }
-        for e in problems {
-            self.log(format_args!("dropping tx frame: {e}"));
-        }
+            res
+        });
+        self.after_ring_use(was_active);
     }
 
     /// Moves frames from the tap into guest rx buffers, then interrupts the guest once.
     pub fn process_rx(&mut self) {
-        let (mrg, guest_csum) = (
-            self.has(VIRTIO_NET_F_MRG_RXBUF),
-            self.has(VIRTIO_NET_F_GUEST_CSUM),
-        );
-        let Some(a) = self.active.as_mut() else {
-            return;
-        };
-        let rx = &mut self.rx;
-        let mut used = false;
-        let mut budget = RX_BATCH;
-        // Where the rx ring stood when we last re-enabled notifications (see rx_out_of_buffers).
-        let mut rearmed_at = None;
-        let mut problems: Vec<String> = Vec::new();
-        loop {
-            if rx.pending == 0 {
-                if budget == 0 || self.tap_failed {
-                    break;
-                }
-                // Backpressure: only take a frame off the tap when there is a buffer for it.
-                if rx.reserved.is_empty()
-                    && !reserve_one(rx, a, &mut self.stats, &mut used, &mut problems)
-                {
-                    if rx_out_of_buffers(a, &mut rearmed_at) {
-                        continue;
-                    }
-                    rx.stalled = true;
-                    break;
-                }
-                match self.tap.read_frame(&mut rx.frame) {
-                    Ok(n) if n < VNET_HDR_LEN + 14 => {
-                        budget -= 1;
-                        self.stats.rx_dropped += 1;
-                        problems.push(format!("runt frame of {n} bytes from the tap"));
-                        continue;
-                    }
-                    Ok(n) => {
-                        budget -= 1;
-                        rx.pending = n;
-                    }
-                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
-                    Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-                    Err(e) => {
-                        problems.push(format!("cannot read from the tap: {e}"));
-                        break;
-                    }
-                }
+        let was_active = self.state.is_active();
+        let (acked, tap_failed) = (self.acked_features, self.tap_failed);
+        let (tap, rx, stats) = (&self.tap, &mut self.rx, &mut self.stats);
+        self.state.run("virtio-net", |a| {
+            let mut used = false;
+            let res = fill_rx(a, rx, tap, tap_failed, stats, acked, &mut used);
+            if used {
+                notify(a, RXQ);
             }
-            match deliver(
-                rx,
-                a,
-                mrg,
-                guest_csum,
-                &mut self.stats,
-                &mut used,
-                &mut problems,
-            ) {
-                Delivery::Done => {}
-                Delivery::NeedBuffers => {
-                    if rx_out_of_buffers(a, &mut rearmed_at) {
-                        continue;
-                    }
-                    rx.stalled = true;
-                    break;
-                }
-            }
-        }
-        if used {
-            notify(a, RXQ);
-        }
-        for p in problems {
-            self.log(format_args!("{p}"));
+            res
+        });
+        self.after_ring_use(was_active);
+    }
+
+    /// If a ring just broke, drop what belonged to it: the reserved rx buffers, the frame we
+    /// held for them, and the wait for tap writability (the tap's epoll interest follows).
+    fn after_ring_use(&mut self, was_active: bool) {
+        if was_active && self.state.needs_reset() {
+            self.rx.clear();
+            self.tx.blocked = false;
         }
     }
 
@@ -436,11 +331,11 @@ impl Net {
         self.rx.stalled = false;
         // Until we run out again we take buffers from the ring as frames arrive: the driver
         // need not tell us about each refill (each notification is a VM exit).
-        if let Some(a) = self.active.as_mut() {
-            if let Err(e) = a.queues[RXQ].disable_notification(&a.mem) {
-                debug!("virtio-net: cannot suppress rx notifications: {e}");
-            }
-        }
+        let was_active = self.state.is_active();
+        self.state.run("virtio-net", |a| {
+            health::disable_notification(&mut a.queues[RXQ], &a.mem, RXQ)
+        });
+        self.after_ring_use(was_active);
         self.process_rx();
     }
 
@@ -485,7 +380,7 @@ impl Net {
             }
         }
         self.unregister_tap(ops);
-        let Some(a) = self.active.as_ref() else {
+        let Some(a) = self.state.active() else {
             return;
         };
         for (i, evt) in a.evts.iter().enumerate() {
@@ -673,6 +568,130 @@ enum Delivery {
     NeedBuffers,
 }
 
+/// Sends up to [`TX_BATCH`] frames; `used` tells whether any chain was returned to the driver.
+fn drain_tx(
+    a: &mut Active,
+    tap: &Tap,
+    tx: &mut Tx,
+    stats: &mut NetStats,
+    acked: u64,
+    used: &mut bool,
+) -> Result<(), RingError> {
+    let mut budget = TX_BATCH;
+    tx.blocked = false;
+    loop {
+        // No notifications while we drain: frames queued meanwhile are found by the re-check
+        // below.
+        health::disable_notification(&mut a.queues[TXQ], &a.mem, TXQ)?;
+        let pass_start = a.queues[TXQ].next_avail();
+        while budget > 0 {
+            let Some(chain) = health::pop(&mut a.queues[TXQ], &a.mem, TXQ)? else {
+                break;
+            };
+            budget -= 1;
+            let head = chain.head_index();
+            match send_frame(tap, &mut tx.buf, acked, &a.mem, chain) {
+                Ok(n) => {
+                    stats.tx_frames += 1;
+                    stats.tx_bytes += n as u64;
+                }
+                Err(TxError::WouldBlock) => {
+                    // Keep the chain for when the tap is writable again; notifications stay
+                    // off until then (the tap's writability wakes us).
+                    a.queues[TXQ].go_to_previous_position();
+                    tx.blocked = true;
+                    return Ok(());
+                }
+                Err(e) => {
+                    if matches!(e, TxError::Chain(_) | TxError::Writable | TxError::Short(_)) {
+                        stats.tx_malformed += 1;
+                    } else {
+                        stats.tx_dropped += 1;
+                    }
+                    warn_limited!(tx.log, "virtio-net: dropping tx frame: {e}");
+                }
+            }
+            health::add_used(&mut a.queues[TXQ], &a.mem, TXQ, head, 0)?;
+            *used = true;
+        }
+        if budget == 0 {
+            // Let the other devices run; the self-notification brings us back.
+            if let Err(e) = a.evts[TXQ].write(1) {
+                warn!("virtio-net: cannot reschedule tx: {e}");
+            }
+            return Ok(());
+        }
+        // Re-enable, then look once more: a frame queued between the last pop and the re-enable
+        // would otherwise wait for a notification that never comes. "More" after a pass that
+        // popped nothing is a broken ring, not a race: the device needs a reset.
+        match health::enable_notification(&mut a.queues[TXQ], &a.mem, TXQ)? {
+            true if a.queues[TXQ].next_avail() != pass_start => continue,
+            true => return Err(RingError::Stuck { queue: TXQ }),
+            false => return Ok(()),
+        }
+    }
+}
+
+/// Moves up to [`RX_BATCH`] frames from the tap into guest buffers; `used` as in [`drain_tx`].
+fn fill_rx(
+    a: &mut Active,
+    rx: &mut Rx,
+    tap: &Tap,
+    tap_failed: bool,
+    stats: &mut NetStats,
+    acked: u64,
+    used: &mut bool,
+) -> Result<(), RingError> {
+    let has = |bit: u32| acked & (1 << bit) != 0;
+    let (mrg, guest_csum) = (has(VIRTIO_NET_F_MRG_RXBUF), has(VIRTIO_NET_F_GUEST_CSUM));
+    let mut budget = RX_BATCH;
+    // Where the rx ring stood when we last re-enabled notifications (see rx_out_of_buffers).
+    let mut rearmed_at = None;
+    loop {
+        if rx.pending == 0 {
+            if budget == 0 || tap_failed {
+                return Ok(());
+            }
+            // Backpressure: only take a frame off the tap when there is a buffer for it.
+            if rx.reserved.is_empty() && !reserve_one(rx, a, stats, used)? {
+                if rx_out_of_buffers(a, &mut rearmed_at)? {
+                    continue;
+                }
+                rx.stalled = true;
+                return Ok(());
+            }
+            match tap.read_frame(&mut rx.frame) {
+                Ok(n) if n < VNET_HDR_LEN + 14 => {
+                    budget -= 1;
+                    stats.rx_dropped += 1;
+                    warn_limited!(rx.log, "virtio-net: runt frame of {n} bytes from the tap");
+                    continue;
+                }
+                Ok(n) => {
+                    budget -= 1;
+                    rx.pending = n;
+                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(()),
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Err(e) => {
+                    warn_limited!(rx.log, "virtio-net: cannot read from the tap: {e}");
+                    return Ok(());
+                }
+            }
+        }
+        match deliver(rx, a, mrg, guest_csum, stats, used)? {
+            Delivery::Done => {}
+            Delivery::NeedBuffers => {
+                if rx_out_of_buffers(a, &mut rearmed_at)? {
+                    continue;
+                }
+                rx.stalled = true;
+                return Ok(());
+            }
+        }
+    }
+}
+
 /// Pops rx chains until one is usable and reserves it; malformed ones are returned with used
 /// length 0. `false` if the queue is empty.
 fn reserve_one(
@@ -680,9 +699,8 @@ fn reserve_one(
     a: &mut Active,
     stats: &mut NetStats,
     used: &mut bool,
-    problems: &mut Vec<String>,
-) -> bool {
-    while let Some(chain) = a.queues[RXQ].pop_descriptor_chain(&a.mem) {
+) -> Result<bool, RingError> {
+    while let Some(chain) = health::pop(&mut a.queues[RXQ], &a.mem, RXQ)? {
         let head = chain.head_index();
         let parsed = chain::walk(chain, &a.mem, MAX_CHAIN_DESCS)
             .map_err(|e| e.to_string())
@@ -706,21 +724,17 @@ fn reserve_one(
             Ok(bufs) => {
                 rx.reserved_bytes += bufs.total();
                 rx.reserved.push_back(RxChain { head, bufs });
-                return true;
+                return Ok(true);
             }
             Err(e) => {
                 stats.rx_malformed += 1;
-                if problems.len() < 4 {
-                    problems.push(format!("dropping malformed rx chain: {e}"));
-                }
-                if let Err(e) = a.queues[RXQ].add_used(&a.mem, head, 0) {
-                    warn!(head, "virtio-net: cannot add used rx descriptor: {e}");
-                }
+                warn_limited!(rx.log, "virtio-net: dropping malformed rx chain: {e}");
+                health::add_used(&mut a.queues[RXQ], &a.mem, RXQ, head, 0)?;
                 *used = true;
             }
         }
     }
-    false
+    Ok(false)
 }
 
 /// Places the pending frame into reserved buffers (reserving more as needed).
@@ -731,8 +745,7 @@ fn deliver(
     guest_csum: bool,
     stats: &mut NetStats,
     used: &mut bool,
-    problems: &mut Vec<String>,
-) -> Delivery {
+) -> Result<Delivery, RingError> {
     let need = rx.pending as u64;
     // Gather enough buffers: any number with MRG_RXBUF, exactly one without.
     loop {
@@ -752,16 +765,15 @@ fn deliver(
         if hopeless {
             // The buffers stay reserved for the next frame.
             stats.rx_dropped += 1;
-            if problems.len() < 4 {
-                problems.push(format!(
-                    "dropping a {need}-byte rx frame: it does not fit the guest's buffers"
-                ));
-            }
+            warn_limited!(
+                rx.log,
+                "virtio-net: dropping a {need}-byte rx frame: it does not fit the guest's buffers"
+            );
             rx.pending = 0;
-            return Delivery::Done;
+            return Ok(Delivery::Done);
         }
-        if !reserve_one(rx, a, stats, used, problems) {
-            return Delivery::NeedBuffers;
+        if !reserve_one(rx, a, stats, used)? {
+            return Ok(Delivery::NeedBuffers);
         }
     }
     // How many buffers the frame takes.
@@ -790,46 +802,33 @@ fn deliver(
         let len = match c.bufs.write_at(&a.mem, 0, &frame[off..off + n]) {
             Ok(()) => n as u32,
             Err(e) => {
-                problems.push(format!("cannot write rx frame: {e}"));
+                warn_limited!(rx.log, "virtio-net: cannot write rx frame: {e}");
                 0
             }
         };
         off += n;
-        if let Err(e) = a.queues[RXQ].add_used(&a.mem, c.head, len) {
-            warn!(
-                head = c.head,
-                "virtio-net: cannot add used rx descriptor: {e}"
-            );
-        }
+        health::add_used(&mut a.queues[RXQ], &a.mem, RXQ, c.head, len)?;
         *used = true;
     }
     stats.rx_frames += 1;
     stats.rx_bytes += (rx.pending - VNET_HDR_LEN) as u64;
     rx.pending = 0;
-    Delivery::Done
+    Ok(Delivery::Done)
 }
 
 /// The rx ring is empty: asks the driver to notify us when it adds buffers, then looks once more
 /// (buffers added just before the re-enable would not be notified). `true`: there are buffers
 /// now, go on. If the ring still claims buffers although nothing could be popped since the last
-/// re-enable, its available index is broken (beyond the queue size): a real race always lets
-/// the next pop succeed, so we stop there instead of spinning on a hostile ring.
-fn rx_out_of_buffers(a: &mut Active, rearmed_at: &mut Option<u16>) -> bool {
+/// re-enable, the ring is broken: a real race always lets the next pop succeed.
+fn rx_out_of_buffers(a: &mut Active, rearmed_at: &mut Option<u16>) -> Result<bool, RingError> {
     let now = a.queues[RXQ].next_avail();
-    match a.queues[RXQ].enable_notification(&a.mem) {
-        Ok(true) if *rearmed_at != Some(now) => {
+    match health::enable_notification(&mut a.queues[RXQ], &a.mem, RXQ)? {
+        true if *rearmed_at != Some(now) => {
             *rearmed_at = Some(now);
-            true
+            Ok(true)
         }
-        Ok(true) => {
-            debug!("virtio-net: rx available ring index is invalid; waiting for a reset");
-            false
-        }
-        Ok(false) => false,
-        Err(e) => {
-            debug!("virtio-net: cannot re-enable rx notifications: {e}");
-            false
-        }
+        true => Err(RingError::Stuck { queue: RXQ }),
+        false => Ok(false),
     }
 }
 
@@ -901,14 +900,14 @@ impl VirtioDevice for Net {
         queue_evts: Vec<EventFd>,
         interrupt: IrqTrigger,
     ) -> Result<(), ActivateError> {
-        check_activation(self.active.is_some(), NUM_QUEUES, &queues, &queue_evts)?;
+        check_activation(!self.state.is_inactive(), NUM_QUEUES, &queues, &queue_evts)?;
         let mut queues = queues;
         let event_idx = self.has(VIRTIO_RING_F_EVENT_IDX);
         for q in &mut queues {
             q.set_event_idx(event_idx);
         }
         self.ctl_evt.write(1).map_err(ActivateError::EventFd)?;
-        self.active = Some(Active {
+        self.state.activate(Active {
             mem,
             queues,
             evts: queue_evts,
@@ -918,16 +917,17 @@ impl VirtioDevice for Net {
     }
 
     fn reset(&mut self) {
-        self.active = None;
+        self.state.reset();
         self.acked_features = 0;
-        self.rx.pending = 0;
-        self.rx.reserved.clear();
-        self.rx.reserved_bytes = 0;
-        self.rx.stalled = false;
+        self.rx.clear();
         self.tx.blocked = false;
         if let Err(e) = self.ctl_evt.write(1) {
             warn!("virtio-net: cannot signal reset to the event loop: {e}");
         }
+    }
+
+    fn needs_reset(&self) -> bool {
+        self.state.needs_reset()
     }
 }
 

@@ -25,13 +25,14 @@ use virtio_queue::{Queue, QueueOwnedT, QueueT};
 use vmm_sys_util::epoll::EventSet;
 use vmm_sys_util::eventfd::EventFd;
 
+use super::health::{self, warn_limited, DeviceState, LogLimit, RingError};
 use super::{
     check_activation, read_config_bytes, ActivateError, GuestMemory, IrqTrigger, VirtioDevice,
     VIRTIO_F_VERSION_1, VIRTIO_MMIO_INT_VRING,
 };
 use muxer::Muxer;
 pub use muxer::MAX_CONNECTIONS;
-use packet::{PacketError, RxBuffer, TxPacket};
+use packet::{RxBuffer, TxPacket};
 
 /// Virtio device ID of vsock.
 pub const VSOCK_DEVICE_ID: u32 = 19;
@@ -42,6 +43,10 @@ const TXQ: usize = 1;
 const EVQ: usize = 2;
 const NUM_QUEUES: usize = 3;
 const QUEUE_SIZES: [u16; NUM_QUEUES] = [QUEUE_SIZE; NUM_QUEUES];
+/// Tx packets handled per wakeup before the event loop serves the other devices: a guest that
+/// keeps its tx ring full cannot monopolize the loop. The rest is picked up after a
+/// self-notification of the tx queue.
+const TX_PACKETS_PER_WAKEUP: usize = QUEUE_SIZE as usize;
 
 // Event-manager data tags.
 const EV_CTL: u32 = 0;
@@ -85,28 +90,18 @@ struct Active {
     irq: IrqTrigger,
 }
 
-/// Logs malformed guest chains: the first few loudly, then quietly, so a hostile guest cannot
-/// flood the host log.
-#[derive(Default)]
-struct DropLog {
-    count: u64,
+impl AsRef<IrqTrigger> for Active {
+    fn as_ref(&self) -> &IrqTrigger {
+        &self.irq
+    }
 }
 
-impl DropLog {
-    const LOUD: u64 = 16;
-
-    fn record(&mut self, queue: &'static str, err: &PacketError) {
-        self.count += 1;
-        if self.count <= Self::LOUD || self.count.is_power_of_two() {
-            warn!(
-                queue,
-                dropped = self.count,
-                "vsock: dropping malformed descriptor chain: {err}"
-            );
-        } else {
-            debug!(queue, "vsock: dropping malformed descriptor chain: {err}");
-        }
-    }
+/// Rate limits for what a guest can make us log.
+#[derive(Default)]
+struct Logs {
+    /// Malformed chains (both queues); its count is [`Vsock::dropped_chains`].
+    drops: LogLimit,
+    rx_write: LogLimit,
 }
 
 pub struct Vsock {
@@ -115,11 +110,11 @@ pub struct Vsock {
     config: [u8; 8],
     muxer: Muxer,
     ctl_evt: EventFd,
-    active: Option<Active>,
+    state: DeviceState<Active>,
     /// Queue eventfd clones currently registered with the event manager (by index).
     registered: Vec<EventFd>,
     muxer_registered: bool,
-    drops: DropLog,
+    logs: Logs,
 }
 
 impl Vsock {
@@ -138,10 +133,10 @@ impl Vsock {
             config: guest_cid.to_le_bytes(),
             muxer: Muxer::new(guest_cid, uds_path)?,
             ctl_evt,
-            active: None,
+            state: DeviceState::default(),
             registered: Vec::new(),
             muxer_registered: false,
-            drops: DropLog::default(),
+            logs: Logs::default(),
         })
     }
 
@@ -150,7 +145,7 @@ impl Vsock {
     }
 
     pub fn is_active(&self) -> bool {
-        self.active.is_some()
+        self.state.is_active()
     }
 
     /// The Unix socket host clients connect to.
@@ -165,66 +160,46 @@ impl Vsock {
 
     /// Number of malformed descriptor chains dropped so far.
     pub fn dropped_chains(&self) -> u64 {
-        self.drops.count
+        self.logs.drops.count()
     }
 
-    /// Consumes the guest's tx queue: every chain is validated, handed to the muxer and returned.
+    /// Consumes the guest's tx queue (at most [`TX_PACKETS_PER_WAKEUP`] packets): every chain is
+    /// validated, handed to the muxer and returned. Then delivers what the muxer has.
     pub fn process_tx(&mut self) {
-        let Some(a) = self.active.as_mut() else {
-            return;
-        };
-        let mut used = false;
-        while let Some(chain) = a.queues[TXQ].pop_descriptor_chain(&a.mem) {
-            let head = chain.head_index();
-            match TxPacket::parse(chain, &a.mem, self.guest_cid) {
-                Ok(pkt) => self.muxer.handle_guest_packet(&pkt, &a.mem),
-                Err(e) => self.drops.record("tx", &e),
+        let was_active = self.state.is_active();
+        let (cid, muxer, logs) = (self.guest_cid, &mut self.muxer, &mut self.logs);
+        self.state.run("vsock", |a| {
+            let mut used = false;
+            let res = drain_tx(a, cid, muxer, logs, &mut used);
+            if used {
+                notify(a, TXQ);
             }
-            add_used(a, TXQ, head, 0);
-            used = true;
-        }
-        if used {
-            notify(a, TXQ);
-        }
+            res
+        });
+        self.after_ring_use(was_active);
         self.process_rx();
     }
 
     /// Fills guest rx buffers with whatever the muxer has for the guest.
     pub fn process_rx(&mut self) {
-        let Some(a) = self.active.as_mut() else {
-            return;
-        };
-        let mut used = false;
-        while self.muxer.has_rx_pending() {
-            let Some(chain) = a.queues[RXQ].pop_descriptor_chain(&a.mem) else {
-                break;
-            };
-            let head = chain.head_index();
-            let len = match RxBuffer::parse(chain, &a.mem) {
-                Err(e) => {
-                    self.drops.record("rx", &e);
-                    0
-                }
-                Ok(buf) => match self.muxer.next_rx(buf.room()) {
-                    None => {
-                        // Nothing to send after all: give the buffer back.
-                        a.queues[RXQ].go_to_previous_position();
-                        break;
-                    }
-                    Some(hdr) => {
-                        let payload = self.muxer.payload(hdr.len);
-                        buf.write(&a.mem, &hdr, payload).unwrap_or_else(|e| {
-                            warn!("vsock: cannot write rx packet: {e}");
-                            0
-                        })
-                    }
-                },
-            };
-            add_used(a, RXQ, head, len);
-            used = true;
-        }
-        if used {
-            notify(a, RXQ);
+        let was_active = self.state.is_active();
+        let (muxer, logs) = (&mut self.muxer, &mut self.logs);
+        self.state.run("vsock", |a| {
+            let mut used = false;
+            let res = fill_rx(a, muxer, logs, &mut used);
+            if used {
+                notify(a, RXQ);
+            }
+            res
+        });
+        self.after_ring_use(was_active);
+    }
+
+    /// If a ring just broke, the connections cannot carry data any more: close them so host
+    /// clients see EOF now instead of waiting on a guest that is no longer served.
+    fn after_ring_use(&mut self, was_active: bool) {
+        if was_active && self.state.needs_reset() {
+            self.muxer.reset();
         }
     }
 
@@ -253,7 +228,7 @@ impl Vsock {
             }
             self.muxer_registered = false;
         }
-        let Some(a) = self.active.as_ref() else {
+        let Some(a) = self.state.active() else {
             return;
         };
         for (i, evt) in a.evts.iter().enumerate() {
@@ -282,10 +257,79 @@ impl Vsock {
     }
 }
 
-fn add_used(a: &mut Active, q: usize, head: u16, len: u32) {
-    if let Err(e) = a.queues[q].add_used(&a.mem, head, len) {
-        warn!(queue = q, head, "vsock: cannot add used descriptor: {e}");
+/// Hands up to [`TX_PACKETS_PER_WAKEUP`] tx packets to the muxer; `used` tells whether any chain
+/// was returned to the driver.
+fn drain_tx(
+    a: &mut Active,
+    guest_cid: u64,
+    muxer: &mut Muxer,
+    logs: &mut Logs,
+    used: &mut bool,
+) -> Result<(), RingError> {
+    for _ in 0..TX_PACKETS_PER_WAKEUP {
+        let Some(chain) = health::pop(&mut a.queues[TXQ], &a.mem, TXQ)? else {
+            return Ok(());
+        };
+        let head = chain.head_index();
+        match TxPacket::parse(chain, &a.mem, guest_cid) {
+            Ok(pkt) => muxer.handle_guest_packet(&pkt, &a.mem),
+            Err(e) => warn_limited!(
+                logs.drops,
+                queue = "tx",
+                "vsock: dropping malformed descriptor chain: {e}"
+            ),
+        }
+        health::add_used(&mut a.queues[TXQ], &a.mem, TXQ, head, 0)?;
+        *used = true;
     }
+    // Budget spent: come back after the other devices had their turn. The queue eventfd is the
+    // one the event loop watches, so this is exactly a driver notification.
+    if let Err(e) = a.evts[TXQ].write(1) {
+        warn!("vsock: cannot reschedule the tx queue: {e}");
+    }
+    Ok(())
+}
+
+/// Moves muxer packets into rx buffers while both exist; `used` as in [`drain_tx`].
+fn fill_rx(
+    a: &mut Active,
+    muxer: &mut Muxer,
+    logs: &mut Logs,
+    used: &mut bool,
+) -> Result<(), RingError> {
+    while muxer.has_rx_pending() {
+        let Some(chain) = health::pop(&mut a.queues[RXQ], &a.mem, RXQ)? else {
+            break;
+        };
+        let head = chain.head_index();
+        let len = match RxBuffer::parse(chain, &a.mem) {
+            Err(e) => {
+                warn_limited!(
+                    logs.drops,
+                    queue = "rx",
+                    "vsock: dropping malformed descriptor chain: {e}"
+                );
+                0
+            }
+            Ok(buf) => match muxer.next_rx(buf.room()) {
+                None => {
+                    // Nothing to send after all: give the buffer back.
+                    a.queues[RXQ].go_to_previous_position();
+                    break;
+                }
+                Some(hdr) => {
+                    let payload = muxer.payload(hdr.len);
+                    buf.write(&a.mem, &hdr, payload).unwrap_or_else(|e| {
+                        warn_limited!(logs.rx_write, "vsock: cannot write rx packet: {e}");
+                        0
+                    })
+                }
+            },
+        };
+        health::add_used(&mut a.queues[RXQ], &a.mem, RXQ, head, len)?;
+        *used = true;
+    }
+    Ok(())
 }
 
 fn notify(a: &mut Active, q: usize) {
@@ -333,9 +377,9 @@ impl VirtioDevice for Vsock {
         queue_evts: Vec<EventFd>,
         interrupt: IrqTrigger,
     ) -> Result<(), ActivateError> {
-        check_activation(self.active.is_some(), NUM_QUEUES, &queues, &queue_evts)?;
+        check_activation(!self.state.is_inactive(), NUM_QUEUES, &queues, &queue_evts)?;
         self.ctl_evt.write(1).map_err(ActivateError::EventFd)?;
-        self.active = Some(Active {
+        self.state.activate(Active {
             mem,
             queues,
             evts: queue_evts,
@@ -345,12 +389,16 @@ impl VirtioDevice for Vsock {
     }
 
     fn reset(&mut self) {
-        self.active = None;
+        self.state.reset();
         self.acked_features = 0;
         self.muxer.reset();
         if let Err(e) = self.ctl_evt.write(1) {
             warn!("vsock: cannot signal reset to the event loop: {e}");
         }
+    }
+
+    fn needs_reset(&self) -> bool {
+        self.state.needs_reset()
     }
 }
 
