@@ -34,6 +34,17 @@ async fn blocking<T: Send + 'static>(
     }
 }
 
+/// The status of a failed stdin write, naming the process.
+fn stdin_status(container_id: &str, exec_id: &str, e: container::stdio::StdinError) -> Status {
+    use container::stdio::StdinError;
+    let msg = format!("container {container_id:?} exec {exec_id:?}: {e}");
+    match e {
+        StdinError::Closed => Status::failed_precondition(msg),
+        StdinError::Aborted { .. } => Status::aborted(msg),
+        StdinError::Io { .. } => Status::failed_precondition(msg),
+    }
+}
+
 /// Version of this agent binary, reported by `Ping`.
 pub const AGENT_VERSION: &str = env!("CARGO_PKG_VERSION");
 
@@ -287,15 +298,14 @@ impl AgentService for Agent {
             )));
         }
         let p = self.engine.process(&r.container_id, &r.exec_id)?;
-        let fd = container::state::lock(&p.stdio.stdin).clone();
-        let Some(fd) = fd else {
-            return Err(Status::failed_precondition(
-                "stdin is closed or was not requested",
-            ));
-        };
-        let n = container::stdio::write_all(fd, r.data)
+        // Awaits room in the pipe on the reactor: a process that never reads
+        // holds this call (the client's backpressure), not a thread.
+        let n = p
+            .stdio
+            .stdin
+            .write(&r.data)
             .await
-            .map_err(|e| Status::failed_precondition(format!("writing stdin: {e}")))?;
+            .map_err(|e| stdin_status(&r.container_id, &r.exec_id, e))?;
         Ok(Response::new(WriteStdinResponse { written: n as u32 }))
     }
 
@@ -305,11 +315,8 @@ impl AgentService for Agent {
     ) -> Result<Response<CloseStdinResponse>, Status> {
         let r = req.into_inner();
         let p = self.engine.process(&r.container_id, &r.exec_id)?;
-        let fd = container::state::lock(&p.stdio.stdin).take();
-        if let (Some(fd), true) = (fd, p.stdio.pty.is_some()) {
-            // A terminal has no EOF of its own: send VEOF (^D).
-            let _ = container::stdio::write_all(fd, vec![4]).await;
-        }
+        // Aborts pending writes and closes the agent's end (VEOF for a terminal).
+        p.stdio.stdin.close().await;
         Ok(Response::new(CloseStdinResponse {}))
     }
 

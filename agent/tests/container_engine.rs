@@ -375,9 +375,8 @@ fn exec_stdin_and_signals() {
         .unwrap();
         let p = e.process("execs", "cat").unwrap();
         let out = tokio::spawn(collect(husk_agent::container::stdio::read_stream(&p.stdio.stdout, 1024, 2).unwrap()));
-        let fd = p.stdio.stdin.lock().unwrap().clone().unwrap();
-        assert_eq!(husk_agent::container::stdio::write_all(fd, b"hello\n".to_vec()).await.unwrap(), 6);
-        p.stdio.stdin.lock().unwrap().take();
+        assert_eq!(p.stdio.stdin.write(b"hello\n").await.unwrap(), 6);
+        p.stdio.stdin.close().await;
         let exit = e.wait("execs", "cat").await.unwrap();
         assert_eq!(exit.status, 0);
         assert_eq!(out.await.unwrap(), "hello\nsleep\nhusk-test\n", "joined the pid and uts namespaces");
