@@ -44,9 +44,10 @@ const EVQ: usize = 2;
 const NUM_QUEUES: usize = 3;
 const QUEUE_SIZES: [u16; NUM_QUEUES] = [QUEUE_SIZE; NUM_QUEUES];
 /// Tx packets handled per wakeup before the event loop serves the other devices: a guest that
-/// keeps its tx ring full cannot monopolize the loop. The rest is picked up after a
-/// self-notification of the tx queue.
-const TX_PACKETS_PER_WAKEUP: usize = QUEUE_SIZE as usize;
+/// refills its tx ring as fast as we drain it cannot monopolize the loop. Half a ring, so that
+/// a full ring already takes two turns. The rest is picked up after a self-notification of the
+/// tx queue.
+const TX_PACKETS_PER_WAKEUP: usize = QUEUE_SIZE as usize / 2;
 
 // Event-manager data tags.
 const EV_CTL: u32 = 0;
@@ -282,10 +283,15 @@ fn drain_tx(
         health::add_used(&mut a.queues[TXQ], &a.mem, TXQ, head, 0)?;
         *used = true;
     }
-    // Budget spent: come back after the other devices had their turn. The queue eventfd is the
-    // one the event loop watches, so this is exactly a driver notification.
-    if let Err(e) = a.evts[TXQ].write(1) {
-        warn!("vsock: cannot reschedule the tx queue: {e}");
+    // Budget spent: if more is queued, come back after the other devices had their turn. The
+    // queue eventfd is the one the event loop watches, so this is exactly a driver notification.
+    let avail = a.queues[TXQ]
+        .avail_idx(&a.mem, std::sync::atomic::Ordering::Acquire)
+        .map_err(|source| RingError::Avail { queue: TXQ, source })?;
+    if avail.0 != a.queues[TXQ].next_avail() {
+        if let Err(e) = a.evts[TXQ].write(1) {
+            warn!("vsock: cannot reschedule the tx queue: {e}");
+        }
     }
     Ok(())
 }

@@ -14,10 +14,13 @@ use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
+use nix::errno::Errno;
+use nix::sys::socket::{self, AddressFamily, SockFlag, SockType, UnixAddr};
 use tracing::{debug, warn};
 use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
 use vmm_sys_util::timerfd::TimerFd;
 
+use super::super::health::{warn_limited, LogLimit};
 use super::super::GuestMemory;
 use super::connection::{ConnKey, Connection, RxOutcome};
 use super::packet::{
@@ -127,6 +130,8 @@ pub struct Muxer {
     pending_rst: VecDeque<Header>,
     /// One packet's payload, in either direction; never resized.
     scratch: Vec<u8>,
+    /// Failed guest connects (the guest picks the port, so it picks how often).
+    connect_log: LogLimit,
 }
 
 impl Muxer {
@@ -181,6 +186,7 @@ impl Muxer {
             rx_pending: VecDeque::new(),
             pending_rst: VecDeque::new(),
             scratch: vec![0u8; MAX_PAYLOAD as usize],
+            connect_log: LogLimit::default(),
         })
     }
 
@@ -444,29 +450,27 @@ impl Muxer {
         }
         let mut path = OsString::from(self.uds_path.as_os_str());
         path.push(format!("_{}", key.local_port));
-        // A Unix connect completes or fails immediately unless the listener's backlog is full.
-        let stream = match UnixStream::connect(&path) {
+        let path = PathBuf::from(path);
+        // Never blocks the event loop: see `connect_nonblocking`.
+        let stream = match connect_nonblocking(&path) {
             Ok(s) => s,
             Err(e) => {
-                debug!(
-                    ?key,
-                    "vsock: no host listener at {}: {e}",
-                    Path::new(&path).display()
-                );
+                warn_limited!(self.connect_log, ?key, "vsock: guest connect refused: {e}");
                 self.push_rst(key);
                 return;
             }
         };
         let token = self.alloc_token();
-        let registered = stream.set_nonblocking(true).and_then(|()| {
-            self.epoll.ctl(
-                ControlOperation::Add,
-                stream.as_raw_fd(),
-                EpollEvent::new(STREAM_EVENTS, token),
-            )
-        });
-        if let Err(e) = registered {
-            warn!(?key, "vsock: cannot watch host stream: {e}");
+        if let Err(e) = self.epoll.ctl(
+            ControlOperation::Add,
+            stream.as_raw_fd(),
+            EpollEvent::new(STREAM_EVENTS, token),
+        ) {
+            warn_limited!(
+                self.connect_log,
+                ?key,
+                "vsock: cannot watch host stream: {e}"
+            );
             self.push_rst(key);
             return;
         }
@@ -634,6 +638,70 @@ impl Muxer {
             let _ = self.timer.clear();
             self.timer_armed = false;
         }
+    }
+}
+
+/// Why a guest-initiated connection could not reach its host listener.
+#[derive(Debug, thiserror::Error)]
+pub enum ConnectError {
+    #[error("cannot create a socket to connect to {path}: {source}")]
+    Socket {
+        path: PathBuf,
+        #[source]
+        source: Errno,
+    },
+    #[error("{path} cannot be a Unix socket address: {source}")]
+    Address {
+        path: PathBuf,
+        #[source]
+        source: Errno,
+    },
+    #[error("no host listener at {0}")]
+    NoListener(PathBuf),
+    #[error("host listener at {0} has a full backlog")]
+    Busy(PathBuf),
+    #[error("cannot connect to {path}: {source}")]
+    Connect {
+        path: PathBuf,
+        #[source]
+        source: Errno,
+    },
+}
+
+/// Connects to the Unix socket at `path` on a non-blocking socket. A Unix-domain connect either
+/// completes at once or fails; the only case that would block a blocking socket is a listener
+/// whose backlog is full, and here that is `EAGAIN` (`Busy`). The guest chooses the port, so it
+/// must not be able to stall the event loop by aiming at a slow host service.
+pub fn connect_nonblocking(path: &Path) -> Result<UnixStream, ConnectError> {
+    let addr = UnixAddr::new(path).map_err(|source| ConnectError::Address {
+        path: path.to_path_buf(),
+        source,
+    })?;
+    let fd = socket::socket(
+        AddressFamily::Unix,
+        SockType::Stream,
+        SockFlag::SOCK_NONBLOCK | SockFlag::SOCK_CLOEXEC,
+        None,
+    )
+    .map_err(|source| ConnectError::Socket {
+        path: path.to_path_buf(),
+        source,
+    })?;
+    loop {
+        return match socket::connect(fd.as_raw_fd(), &addr) {
+            Ok(()) => Ok(UnixStream::from(fd)),
+            Err(Errno::EINTR) => continue,
+            Err(Errno::ENOENT | Errno::ECONNREFUSED) => {
+                Err(ConnectError::NoListener(path.to_path_buf()))
+            }
+            Err(Errno::EAGAIN) => Err(ConnectError::Busy(path.to_path_buf())),
+            // Includes EINPROGRESS, which Linux does not return for Unix sockets: a connection
+            // we would have to wait for is one we do not want.
+            Err(source) => Err(ConnectError::Connect {
+                path: path.to_path_buf(),
+                source,
+            }),
+        };
     }
 }
 

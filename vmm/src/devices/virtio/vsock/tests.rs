@@ -3,6 +3,7 @@
 
 use std::collections::HashMap;
 use std::io::{ErrorKind, Read, Write};
+use std::os::fd::AsRawFd;
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
@@ -17,9 +18,11 @@ use super::packet::*;
 use super::*;
 use crate::devices::bus::BusDevice;
 use crate::devices::virtio::mmio::MmioTransport;
+use crate::devices::virtio::status::DEVICE_NEEDS_RESET;
 use crate::devices::virtio::test_utils::{
     test_memory, GuestQueue, VRING_DESC_F_NEXT, VRING_DESC_F_WRITE,
 };
+use crate::devices::virtio::VIRTIO_MMIO_INT_CONFIG;
 
 const CID: u64 = 3;
 const QSIZE: u16 = 64;
@@ -695,4 +698,272 @@ fn event_manager_drives_device_through_mmio_transport() {
 
     stop.store(true, Ordering::SeqCst);
     loop_thread.join().unwrap();
+}
+
+/// Drives the transport through feature negotiation and queue setup to `DRIVER_OK`.
+fn mmio_bring_up(t: &mut MmioTransport, g: &Guest) {
+    let w = |t: &mut MmioTransport, off: u64, v: u32| t.write(off, &v.to_le_bytes());
+    w(t, 0x70, 1);
+    w(t, 0x70, 3);
+    w(t, 0x24, 1);
+    w(t, 0x20, 1); // VIRTIO_F_VERSION_1
+    w(t, 0x70, 11);
+    for (i, q) in [&g.rxq, &g.txq, &g.evq].into_iter().enumerate() {
+        let (d, a, u) = q.addrs();
+        w(t, 0x30, i as u32);
+        w(t, 0x38, u32::from(QSIZE));
+        w(t, 0x80, d as u32);
+        w(t, 0x90, a as u32);
+        w(t, 0xa0, u as u32);
+        w(t, 0x44, 1);
+    }
+    w(t, 0x70, 15);
+    assert_eq!(t.status(), 15);
+}
+
+fn mmio_read(t: &mut MmioTransport, off: u64) -> u32 {
+    let mut b = [0u8; 4];
+    t.read(off, &mut b);
+    u32::from_le_bytes(b)
+}
+
+/// Waits (pumping nothing: the event loop runs elsewhere) until `f` holds.
+fn wait_for(what: &str, mut f: impl FnMut() -> bool) {
+    let deadline = Instant::now() + TIMEOUT;
+    while !f() {
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        thread::sleep(Duration::from_millis(2));
+    }
+}
+
+/// A tx ring whose available index runs more than a queue size ahead breaks the device: the
+/// driver reads DEVICE_NEEDS_RESET through the MMIO status register after a config interrupt,
+/// the connections are closed, later notifications are ignored, and after the driver's reset
+/// the device works again.
+#[test]
+fn broken_ring_sets_needs_reset_through_the_transport_until_reset() {
+    let dir = TempDir::new();
+    let uds = dir.0.join("v.sock");
+    let vsock = Arc::new(Mutex::new(Vsock::new(CID, uds.clone()).unwrap()));
+    let mem = test_memory();
+    let mut t = MmioTransport::new(mem.clone(), vsock.clone()).unwrap();
+    let mut em = EventManager::<Arc<Mutex<Vsock>>>::new().unwrap();
+    em.add_subscriber(vsock.clone());
+    let stop = Arc::new(AtomicBool::new(false));
+    let stop2 = stop.clone();
+    let loop_thread = thread::spawn(move || {
+        while !stop2.load(Ordering::SeqCst) {
+            em.run_with_timeout(10).unwrap();
+        }
+    });
+    let w = |t: &mut MmioTransport, off: u64, v: u32| t.write(off, &v.to_le_bytes());
+
+    let mut g = Guest::new(&mem);
+    mmio_bring_up(&mut t, &g);
+    g.post_rx(8);
+    w(&mut t, 0x50, 0);
+    // A host client connects; the guest sees the REQUEST.
+    let mut host = UnixStream::connect(&uds).unwrap();
+    host.write_all(b"CONNECT 1024\n").unwrap();
+    let mut req = None;
+    wait_for("the REQUEST", || {
+        req = g.recv();
+        req.is_some()
+    });
+    let req = req.unwrap().0;
+    assert_eq!(req.op, OP_REQUEST);
+    let _ = t.interrupt_evt().read();
+    w(&mut t, 0x64, VIRTIO_MMIO_INT_VRING);
+    assert_eq!(mmio_read(&mut t, 0x70) & DEVICE_NEEDS_RESET, 0);
+
+    // Break the tx ring and notify.
+    let (_, tx_avail, _) = g.txq.addrs();
+    mem.write_obj(QSIZE + 1, GuestAddress(tx_avail + 2))
+        .unwrap();
+    w(&mut t, 0x50, 1);
+    wait_for("the config interrupt", || {
+        mmio_read(&mut t, 0x60) & VIRTIO_MMIO_INT_CONFIG != 0
+    });
+    assert!(t.interrupt_evt().read().unwrap() >= 1);
+    assert_eq!(mmio_read(&mut t, 0x70), 15 | DEVICE_NEEDS_RESET);
+    assert!(!vsock.lock().unwrap().is_active());
+    // The host side of the connection is closed.
+    host.set_read_timeout(Some(TIMEOUT)).unwrap();
+    assert_eq!(host.read(&mut [0u8; 4]).unwrap(), 0);
+
+    // Nothing is processed any more: a well-formed packet behind the broken index stays put,
+    // however often the driver notifies, and no further interrupt is raised.
+    mem.write_obj(0u16, GuestAddress(tx_avail + 2)).unwrap();
+    g.send(Guest::hdr(OP_REQUEST, 5, 6), &[]);
+    for _ in 0..3 {
+        w(&mut t, 0x50, 1);
+        w(&mut t, 0x50, 0);
+    }
+    thread::sleep(Duration::from_millis(50));
+    assert_eq!(g.txq.pop_used(), None);
+    assert!(t.interrupt_evt().read().is_err());
+    // The driver cannot carry on without a reset.
+    w(&mut t, 0x70, 15);
+    assert_ne!(mmio_read(&mut t, 0x70) & DEVICE_NEEDS_RESET, 0);
+
+    // Reset and bring up again on fresh rings: the device works.
+    w(&mut t, 0x70, 0);
+    assert_eq!(mmio_read(&mut t, 0x70), 0);
+    assert_eq!(mmio_read(&mut t, 0x60), 0);
+    let mut g = Guest::new(&mem);
+    mmio_bring_up(&mut t, &g);
+    g.post_rx(4);
+    w(&mut t, 0x50, 0);
+    g.send(Guest::hdr(OP_REQUEST, 1234, 4321), &[]);
+    w(&mut t, 0x50, 1);
+    let mut rst = None;
+    wait_for("the RST", || {
+        rst = g.recv();
+        rst.is_some()
+    });
+    assert_eq!(rst.unwrap().0.op, OP_RST);
+    assert_eq!(mmio_read(&mut t, 0x70) & DEVICE_NEEDS_RESET, 0);
+
+    stop.store(true, Ordering::SeqCst);
+    loop_thread.join().unwrap();
+}
+
+/// A head index beyond the rx queue also breaks the device, directly at the device level.
+#[test]
+fn broken_rx_head_index_needs_reset() {
+    let mut h = Harness::new();
+    h.g.rxq.publish(QSIZE);
+    // Something for the guest: the RST for a connect to a missing port.
+    h.tx(Guest::hdr(OP_REQUEST, 1234, 4321), &[]);
+    assert!(h.dev.needs_reset());
+    assert_eq!(
+        h.irq.status() & VIRTIO_MMIO_INT_CONFIG,
+        VIRTIO_MMIO_INT_CONFIG
+    );
+    assert_eq!(h.g.rxq.pop_used(), None);
+    // Later tx is ignored.
+    h.g.send(Guest::hdr(OP_REQUEST, 1, 2), &[]);
+    h.dev.process_tx();
+    assert_eq!(h.g.txq.pop_used(), None);
+    h.dev.reset();
+    assert!(!h.dev.needs_reset());
+}
+
+/// A full tx ring is handled in two turns: the first leaves the rest and reschedules itself
+/// through the tx queue's eventfd (what the event loop watches), the second finishes without
+/// rescheduling.
+#[test]
+fn tx_budget_leaves_work_for_the_next_wakeup_and_reschedules() {
+    let dir = TempDir::new();
+    let mut dev = Vsock::new(CID, dir.0.join("v.sock")).unwrap();
+    let mem = test_memory();
+    let rxq = GuestQueue::new(&mem, GuestAddress(0x1000), QSIZE);
+    // The whole queue, where nothing else lives.
+    let mut txq = GuestQueue::new(&mem, GuestAddress(0xc0000), QUEUE_SIZE);
+    let evq = GuestQueue::new(&mem, GuestAddress(0x5000), QSIZE);
+    let evts: Vec<EventFd> = (0..3)
+        .map(|_| EventFd::new(libc::EFD_NONBLOCK).unwrap())
+        .collect();
+    let tx_evt = evts[TXQ].try_clone().unwrap();
+    dev.activate(
+        mem.clone(),
+        vec![rxq.device_queue(), txq.device_queue(), evq.device_queue()],
+        evts,
+        IrqTrigger::new().unwrap(),
+    )
+    .unwrap();
+    // RSTs for connections that do not exist: consumed without a reply.
+    let base = 0x90000;
+    mem.write_slice(&Guest::hdr(OP_RST, 1, 2).to_bytes(), GuestAddress(base))
+        .unwrap();
+    let total = usize::from(QUEUE_SIZE);
+    for _ in 0..total {
+        txq.add_chain(&[(base, HDR_LEN as u32, false)]);
+    }
+    let drain = |txq: &mut GuestQueue| std::iter::from_fn(|| txq.pop_used()).count();
+
+    dev.process_tx();
+    assert_eq!(drain(&mut txq), TX_PACKETS_PER_WAKEUP);
+    assert!(TX_PACKETS_PER_WAKEUP < total);
+    assert_eq!(tx_evt.read().unwrap(), 1, "no self-notification");
+
+    dev.process_tx();
+    assert_eq!(drain(&mut txq), total - TX_PACKETS_PER_WAKEUP);
+    assert!(tx_evt.read().is_err(), "rescheduled with nothing left");
+    assert!(!dev.needs_reset());
+}
+
+/// A guest connect to a host listener whose backlog is full gets an RST at once; it must not
+/// block the event loop until the host accepts.
+#[test]
+fn guest_connect_to_a_full_backlog_is_reset_without_blocking() {
+    use nix::sys::socket::UnixAddr;
+    use nix::sys::socket::{bind, listen, socket, AddressFamily, Backlog, SockFlag, SockType};
+
+    let mut h = Harness::new();
+    h.g.post_rx(4);
+    let path = PathBuf::from(format!("{}_4321", h.uds.display()));
+    let listener = socket(
+        AddressFamily::Unix,
+        SockType::Stream,
+        SockFlag::SOCK_CLOEXEC,
+        None,
+    )
+    .unwrap();
+    bind(listener.as_raw_fd(), &UnixAddr::new(&path).unwrap()).unwrap();
+    listen(&listener, Backlog::new(0).unwrap()).unwrap();
+    // Fill the backlog with clients nobody accepts.
+    let mut fillers = Vec::new();
+    loop {
+        match super::muxer::connect_nonblocking(&path) {
+            Ok(s) => fillers.push(s),
+            Err(super::muxer::ConnectError::Busy(_)) => break,
+            Err(e) => panic!("unexpected connect error: {e}"),
+        }
+        assert!(fillers.len() < 64, "the backlog never filled");
+    }
+
+    let (done_tx, done_rx) = std::sync::mpsc::channel();
+    thread::spawn(move || {
+        h.tx(Guest::hdr(OP_REQUEST, 1234, 4321), &[]);
+        let _ = done_tx.send((h.g.recv(), h.dev.connection_count()));
+    });
+    let (pkt, conns) = done_rx
+        .recv_timeout(TIMEOUT)
+        .expect("the guest connect blocked on a full backlog");
+    let (r, _) = pkt.expect("no RST for the guest");
+    assert_eq!((r.op, r.src_port, r.dst_port), (OP_RST, 4321, 1234));
+    assert_eq!(conns, 0);
+    drop(fillers);
+}
+
+#[test]
+fn connect_errors_are_classified() {
+    use super::muxer::{connect_nonblocking, ConnectError};
+    let dir = TempDir::new();
+    let missing = dir.0.join("missing");
+    assert!(matches!(
+        connect_nonblocking(&missing),
+        Err(ConnectError::NoListener(_))
+    ));
+    // A socket file nobody listens on any more.
+    let stale = dir.0.join("stale");
+    drop(UnixListener::bind(&stale).unwrap());
+    assert!(matches!(
+        connect_nonblocking(&stale),
+        Err(ConnectError::NoListener(_))
+    ));
+    let long = dir.0.join("x".repeat(200));
+    assert!(matches!(
+        connect_nonblocking(&long),
+        Err(ConnectError::Address { .. })
+    ));
+    let live = dir.0.join("live");
+    let l = UnixListener::bind(&live).unwrap();
+    let s = connect_nonblocking(&live).unwrap();
+    let (mut peer, _) = l.accept().unwrap();
+    (&s).write_all(b"hi").unwrap();
+    let mut b = [0u8; 2];
+    peer.read_exact(&mut b).unwrap();
+    assert_eq!(&b, b"hi");
 }
