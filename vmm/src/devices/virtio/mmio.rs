@@ -12,6 +12,7 @@ use tracing::{debug, warn};
 use virtio_queue::{Queue, QueueT};
 use vmm_sys_util::eventfd::EventFd;
 
+use super::health::{warn_limited, LogLimit};
 use super::status::{ACKNOWLEDGE, DEVICE_NEEDS_RESET, DRIVER, DRIVER_OK, FAILED, FEATURES_OK};
 use super::{GuestMemory, IrqTrigger, VirtioDevice, VIRTIO_F_VERSION_1, VIRTIO_MMIO_INT_CONFIG};
 use crate::devices::bus::BusDevice;
@@ -87,6 +88,9 @@ pub struct MmioTransport {
     acked_features: u64,
     queue_sel: u32,
     config_generation: u32,
+    /// Driver protocol violations: the guest can repeat them as fast as it can write a register.
+    /// Survives resets.
+    violations: LogLimit,
 }
 
 impl MmioTransport {
@@ -135,6 +139,7 @@ impl MmioTransport {
             acked_features: 0,
             queue_sel: 0,
             config_generation: 0,
+            violations: LogLimit::default(),
         })
     }
 
@@ -224,7 +229,8 @@ impl MmioTransport {
 
     fn write_driver_features(&mut self, val: u32) {
         if self.status & (DRIVER | FEATURES_OK | FAILED) != DRIVER {
-            warn!(
+            warn_limited!(
+                self.violations,
                 status = self.status,
                 "virtio-mmio: driver features written outside negotiation"
             );
@@ -240,9 +246,11 @@ impl MmioTransport {
         };
         let offered = (self.avail_features >> shift) as u32;
         if val & !offered != 0 {
-            warn!(
+            warn_limited!(
+                self.violations,
                 val,
-                offered, "virtio-mmio: driver acked features that were not offered"
+                offered,
+                "virtio-mmio: driver acked features that were not offered"
             );
         }
         let mask = 0xffff_ffffu64 << shift;
@@ -272,7 +280,12 @@ impl MmioTransport {
                     .map_err(|_| virtio_queue::Error::InvalidSize)
                     .and_then(|size| q.try_set_size(size))
                 {
-                    warn!(sel, val, "virtio-mmio: invalid queue size: {e}");
+                    warn_limited!(
+                        self.violations,
+                        sel,
+                        val,
+                        "virtio-mmio: invalid queue size: {e}"
+                    );
                 }
             }
             reg::QUEUE_READY => q.set_ready(val == 1),
@@ -316,9 +329,11 @@ impl MmioTransport {
             return;
         }
         if old & (FAILED | DEVICE_NEEDS_RESET) != 0 {
-            warn!(
+            warn_limited!(
+                self.violations,
                 old,
-                val, "virtio-mmio: status write on a failed device needs a reset first"
+                val,
+                "virtio-mmio: status write on a failed device needs a reset first"
             );
             return;
         }
@@ -328,7 +343,10 @@ impl MmioTransport {
             (o, v) if o == ACKNOWLEDGE | DRIVER && v == o | FEATURES_OK => {
                 if self.acked_features & (1 << VIRTIO_F_VERSION_1) == 0 {
                     // Leave FEATURES_OK clear: the driver reads it back and gives up.
-                    warn!("virtio-mmio: driver did not accept VIRTIO_F_VERSION_1");
+                    warn_limited!(
+                        self.violations,
+                        "virtio-mmio: driver did not accept VIRTIO_F_VERSION_1"
+                    );
                     return;
                 }
                 lock(&self.device).ack_features(self.acked_features);
@@ -338,14 +356,20 @@ impl MmioTransport {
                 self.status = val;
                 self.activate();
             }
-            _ => warn!(old, val, "virtio-mmio: invalid device status transition"),
+            _ => warn_limited!(
+                self.violations,
+                old,
+                val,
+                "virtio-mmio: invalid device status transition"
+            ),
         }
     }
 
     fn activate(&mut self) {
         for (i, q) in self.queues.iter().enumerate() {
             if q.ready() && !q.is_valid(&self.mem) {
-                warn!(
+                warn_limited!(
+                    self.violations,
                     queue = i,
                     "virtio-mmio: queue is not valid, device needs reset"
                 );
@@ -382,7 +406,8 @@ impl MmioTransport {
         let res =
             lock(&self.device).activate(self.mem.clone(), queues, evts, self.interrupt.clone());
         if let Err(e) = res {
-            warn!(
+            warn_limited!(
+                self.violations,
                 device = self.device_type,
                 "virtio-mmio: device activation failed: {e}"
             );
@@ -477,6 +502,8 @@ mod tests {
         resets: usize,
         config: [u8; 8],
         fail_activate: bool,
+        /// A ring broke at run time (what block, net and vsock report).
+        broken: bool,
     }
 
     impl VirtioDevice for Dummy {
@@ -519,6 +546,10 @@ mod tests {
         fn reset(&mut self) {
             self.activated = None;
             self.resets += 1;
+            self.broken = false;
+        }
+        fn needs_reset(&self) -> bool {
+            self.broken
         }
     }
 
@@ -767,5 +798,52 @@ mod tests {
             ACKNOWLEDGE | DRIVER | FEATURES_OK | DRIVER_OK,
         );
         assert_ne!(t.status() & DEVICE_NEEDS_RESET, 0);
+    }
+
+    #[test]
+    fn device_reported_breakage_shows_as_needs_reset_until_reset() {
+        let (mut t, dev) = setup();
+        let mem = t.mem.clone();
+        let q0 = GuestQueue::new(&mem, GuestAddress(0x10000), 16);
+        let q1 = GuestQueue::new(&mem, GuestAddress(0x20000), 8);
+        let bring_up = |t: &mut MmioTransport| {
+            negotiate(t, 1);
+            setup_queue(t, 0, &q0);
+            setup_queue(t, 1, &q1);
+            w(
+                t,
+                reg::STATUS,
+                ACKNOWLEDGE | DRIVER | FEATURES_OK | DRIVER_OK,
+            );
+        };
+        bring_up(&mut t);
+        let ok = ACKNOWLEDGE | DRIVER | FEATURES_OK | DRIVER_OK;
+        assert_eq!(r(&mut t, reg::STATUS), ok);
+        dev.lock().unwrap().broken = true;
+        assert_eq!(r(&mut t, reg::STATUS), ok | DEVICE_NEEDS_RESET);
+        // It sticks: status writes other than FAILED and reset are refused.
+        w(&mut t, reg::STATUS, ok);
+        assert_eq!(r(&mut t, reg::STATUS), ok | DEVICE_NEEDS_RESET);
+        w(&mut t, reg::STATUS, ok | DEVICE_NEEDS_RESET | FAILED);
+        assert_eq!(r(&mut t, reg::STATUS), ok | DEVICE_NEEDS_RESET | FAILED);
+        w(&mut t, reg::STATUS, 0);
+        assert_eq!(dev.lock().unwrap().resets, 1);
+        assert_eq!(r(&mut t, reg::STATUS), 0);
+        bring_up(&mut t);
+        assert_eq!(r(&mut t, reg::STATUS), ok);
+        assert_eq!(dev.lock().unwrap().activated, Some(2));
+    }
+
+    #[test]
+    fn driver_protocol_violations_are_counted_for_rate_limited_logging() {
+        let (mut t, _) = setup();
+        for _ in 0..1000 {
+            w(&mut t, reg::STATUS, DRIVER_OK);
+        }
+        assert_eq!(t.violations.count(), 1000);
+        // A reset does not restart the loud phase.
+        w(&mut t, reg::STATUS, 0);
+        w(&mut t, reg::STATUS, DRIVER);
+        assert_eq!(t.violations.count(), 1001);
     }
 }

@@ -892,4 +892,61 @@ fn event_idx_rx_notifications_only_when_stalled_and_broken_rings_do_not_spin() {
     h.dev.rx_queue_notified();
     h.dev.process_tx();
     assert!(!h.dev.wants_tap_input());
+    assert!(h.dev.needs_reset());
+}
+
+/// A tx ring that breaks at run time (a head index beyond the queue) puts the device into
+/// NEEDS_RESET: a config interrupt, no more frames out of the tap and no more tap input until
+/// the driver resets it; then it works again.
+#[test]
+fn broken_ring_needs_reset_until_the_driver_resets() {
+    let mut h = Harness::new(feat(&[VIRTIO_NET_F_MRG_RXBUF]));
+    let frame = eth_frame([0xff; 6], GUEST_MAC, &payload(100, 7));
+    h.g.post_rx(4, 2048);
+    h.dev.rx_queue_notified();
+    assert!(h.dev.wants_tap_input());
+    h.g.send([0; 12], &frame, 4096);
+    h.dev.process_tx();
+    h.expect_tx(&frame);
+    assert!(h.g.txq.pop_used().is_some());
+    let _ = h.irq.event().read();
+    h.irq.ack(u32::MAX);
+
+    h.g.txq.publish(QSIZE + 3);
+    h.g.send([0; 12], &frame, 4096);
+    h.dev.process_tx();
+    assert!(h.dev.needs_reset());
+    assert!(!h.dev.is_active());
+    assert!(!h.dev.wants_tap_input());
+    assert_eq!(
+        h.irq.status(),
+        crate::devices::virtio::VIRTIO_MMIO_INT_CONFIG
+    );
+    assert_eq!(h.irq.event().read().unwrap(), 1);
+    // The well-formed frame behind the broken entry never leaves, whatever the driver does.
+    h.dev.process_tx();
+    h.dev.rx_queue_notified();
+    assert_eq!(h.g.txq.pop_used(), None);
+    assert!(h.sock.recv(Duration::from_millis(100)).is_none());
+    assert!(h.irq.event().read().is_err());
+
+    h.dev.reset();
+    assert!(!h.dev.needs_reset());
+    let mem = h.g.mem.clone();
+    h.g = Guest::new(&mem);
+    h.dev.ack_features(feat(&[VIRTIO_NET_F_MRG_RXBUF]));
+    h.dev
+        .activate(
+            mem,
+            vec![h.g.rxq.device_queue(), h.g.txq.device_queue()],
+            (0..2)
+                .map(|_| EventFd::new(libc::EFD_NONBLOCK).unwrap())
+                .collect(),
+            h.irq.clone(),
+        )
+        .unwrap();
+    let head = h.g.send([0; 12], &frame, 4096);
+    h.dev.process_tx();
+    assert_eq!(h.g.txq.pop_used(), Some((u32::from(head), 0)));
+    h.expect_tx(&frame);
 }
