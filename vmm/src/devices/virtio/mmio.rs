@@ -10,6 +10,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 
 use tracing::{debug, warn};
 use virtio_queue::{Queue, QueueT};
+use vm_memory::{GuestAddress, GuestMemory as _, Permissions};
 use vmm_sys_util::eventfd::EventFd;
 
 use super::health::{warn_limited, LogLimit};
@@ -274,28 +275,32 @@ impl MmioTransport {
             );
             return;
         };
-        match offset {
-            reg::QUEUE_NUM => {
-                if let Err(e) = u16::try_from(val)
-                    .map_err(|_| virtio_queue::Error::InvalidSize)
-                    .and_then(|size| q.try_set_size(size))
-                {
-                    warn_limited!(
-                        self.violations,
-                        sel,
-                        val,
-                        "virtio-mmio: invalid queue size: {e}"
-                    );
-                }
+        // The `set_*` helpers of virtio-queue log an error for every bad value; a guest could
+        // repeat those at will, so use the fallible versions and log rate-limited.
+        let res = match offset {
+            reg::QUEUE_NUM => u16::try_from(val)
+                .map_err(|_| virtio_queue::Error::InvalidSize)
+                .and_then(|size| q.try_set_size(size)),
+            reg::QUEUE_READY => {
+                q.set_ready(val == 1);
+                Ok(())
             }
-            reg::QUEUE_READY => q.set_ready(val == 1),
-            reg::QUEUE_DESC_LOW => q.set_desc_table_address(Some(val), None),
-            reg::QUEUE_DESC_HIGH => q.set_desc_table_address(None, Some(val)),
-            reg::QUEUE_DRIVER_LOW => q.set_avail_ring_address(Some(val), None),
-            reg::QUEUE_DRIVER_HIGH => q.set_avail_ring_address(None, Some(val)),
-            reg::QUEUE_DEVICE_LOW => q.set_used_ring_address(Some(val), None),
-            reg::QUEUE_DEVICE_HIGH => q.set_used_ring_address(None, Some(val)),
-            _ => {}
+            reg::QUEUE_DESC_LOW => q.try_set_desc_table_address(half(q.desc_table(), val, false)),
+            reg::QUEUE_DESC_HIGH => q.try_set_desc_table_address(half(q.desc_table(), val, true)),
+            reg::QUEUE_DRIVER_LOW => q.try_set_avail_ring_address(half(q.avail_ring(), val, false)),
+            reg::QUEUE_DRIVER_HIGH => q.try_set_avail_ring_address(half(q.avail_ring(), val, true)),
+            reg::QUEUE_DEVICE_LOW => q.try_set_used_ring_address(half(q.used_ring(), val, false)),
+            reg::QUEUE_DEVICE_HIGH => q.try_set_used_ring_address(half(q.used_ring(), val, true)),
+            _ => Ok(()),
+        };
+        if let Err(e) = res {
+            warn_limited!(
+                self.violations,
+                sel,
+                offset,
+                val,
+                "virtio-mmio: invalid queue register value: {e}"
+            );
         }
     }
 
@@ -367,7 +372,8 @@ impl MmioTransport {
 
     fn activate(&mut self) {
         for (i, q) in self.queues.iter().enumerate() {
-            if q.ready() && !q.is_valid(&self.mem) {
+            // Our own check first: `is_valid` logs an error each time it fails.
+            if q.ready() && !(queue_in_memory(q, &self.mem) && q.is_valid(&self.mem)) {
                 warn_limited!(
                     self.violations,
                     queue = i,
@@ -481,6 +487,27 @@ impl BusDevice for MmioTransport {
         }
         self.write_reg(offset, u32::from_le_bytes(bytes));
     }
+}
+
+/// `addr` with its low or high 32 bits replaced by `val`.
+fn half(addr: u64, val: u32, high: bool) -> GuestAddress {
+    GuestAddress(if high {
+        (addr & 0xffff_ffff) | (u64::from(val) << 32)
+    } else {
+        (addr & !0xffff_ffff) | u64::from(val)
+    })
+}
+
+/// Whether the descriptor table and both rings of `q` lie in guest memory (virtio 1.2, 2.7).
+fn queue_in_memory(q: &Queue, mem: &GuestMemory) -> bool {
+    let n = q.size() as usize;
+    [
+        (q.desc_table(), 16 * n, Permissions::Read),
+        (q.avail_ring(), 6 + 2 * n, Permissions::Read),
+        (q.used_ring(), 6 + 8 * n, Permissions::Write),
+    ]
+    .into_iter()
+    .all(|(addr, len, perm)| mem.check_range(GuestAddress(addr), len, perm))
 }
 
 /// A poisoned device lock means a handler panicked; its state is still the best we have.
@@ -845,5 +872,42 @@ mod tests {
         w(&mut t, reg::STATUS, 0);
         w(&mut t, reg::STATUS, DRIVER);
         assert_eq!(t.violations.count(), 1001);
+    }
+
+    #[test]
+    fn bad_queue_values_are_refused_and_counted() {
+        let (mut t, dev) = setup();
+        let mem = t.mem.clone();
+        let q0 = GuestQueue::new(&mem, GuestAddress(0x10000), 16);
+        let q1 = GuestQueue::new(&mem, GuestAddress(0x20000), 8);
+        negotiate(&mut t, 1);
+        setup_queue(&mut t, 0, &q0);
+        setup_queue(&mut t, 1, &q1);
+        let before = t.violations.count();
+        // Misaligned descriptor table (16 bytes), avail ring (2), used ring (4), bad sizes.
+        w(&mut t, reg::QUEUE_SEL, 0);
+        for (off, val) in [
+            (reg::QUEUE_DESC_LOW, 0x10008),
+            (reg::QUEUE_DRIVER_LOW, 0x10101),
+            (reg::QUEUE_DEVICE_LOW, 0x10202),
+            (reg::QUEUE_NUM, 0x1_0000),
+            (reg::QUEUE_NUM, 12),
+        ] {
+            w(&mut t, off, val);
+        }
+        assert_eq!(t.violations.count(), before + 5);
+        // Nothing was taken: the device activates on the rings set up before.
+        w(
+            &mut t,
+            reg::STATUS,
+            ACKNOWLEDGE | DRIVER | FEATURES_OK | DRIVER_OK,
+        );
+        assert_eq!(t.status() & DEVICE_NEEDS_RESET, 0);
+        assert_eq!(dev.lock().unwrap().activated, Some(2));
+        assert_eq!(
+            half(0x1234_5678_9abc_def0, 0x11, false).0,
+            0x1234_5678_0000_0011
+        );
+        assert_eq!(half(0x1234_5678_9abc_def0, 0x11, true).0, 0x11_9abc_def0);
     }
 }

@@ -193,6 +193,8 @@ pub struct Net {
     rx: Rx,
     tx: Tx,
     stats: NetStats,
+    /// Failed offload changes: the driver renegotiates (and so retries) as often as it likes.
+    offload_log: LogLimit,
 }
 
 impl Net {
@@ -251,6 +253,7 @@ impl Net {
                 log: LogLimit::default(),
             },
             stats: NetStats::default(),
+            offload_log: LogLimit::default(),
         })
     }
 
@@ -430,7 +433,7 @@ impl Net {
             }
         }
         if let Err(e) = self.tap.set_offload(flags) {
-            warn!("virtio-net: {e}");
+            warn_limited!(self.offload_log, "virtio-net: {e}");
         }
     }
 }
