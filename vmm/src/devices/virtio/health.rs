@@ -274,14 +274,11 @@ impl<A: AsRef<IrqTrigger>> DeviceState<A> {
         let Phase::Active(a) = std::mem::replace(&mut self.phase, Phase::NeedsReset) else {
             return;
         };
-        match self.faults.hit() {
-            Some(n) => warn!(
-                device,
-                occurrences = n,
-                "{device}: {err}; the device needs a reset"
-            ),
-            None => debug!(device, "{device}: {err}; the device needs a reset"),
-        }
+        warn_limited!(
+            self.faults,
+            device,
+            "{device}: {err}; the device needs a reset"
+        );
         if let Err(e) = a.as_ref().trigger(VIRTIO_MMIO_INT_CONFIG) {
             warn!(device, "{device}: cannot raise the config interrupt: {e}");
         }
