@@ -60,6 +60,9 @@ fn state_pause_resume_stats_and_graceful_stop() {
         .find(|d| d["type"] == "vsock")
         .unwrap_or_else(|| panic!("no vsock device: {st}"));
     assert_eq!(vsock["active"], true);
+    for d in devices {
+        assert_eq!(d["needs_reset"], false, "a healthy guest broke no ring: {st}");
+    }
     assert!(
         vsock["connections"].as_u64().unwrap() >= 1,
         "our agent connection: {st}"
