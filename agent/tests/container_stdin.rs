@@ -46,8 +46,10 @@ fn engine() -> (Arc<Engine>, &'static tokio::runtime::Runtime) {
 }
 
 fn process_json(script: &str, terminal: bool) -> Vec<u8> {
-    serde_json::to_vec(&json!({"user": {"uid": 0, "gid": 0}, "args": ["sh", "-c", script],
-        "cwd": "/", "terminal": terminal, "env": ["PATH=/bin"]}))
+    serde_json::to_vec(
+        &json!({"user": {"uid": 0, "gid": 0}, "args": ["sh", "-c", script],
+        "cwd": "/", "terminal": terminal, "env": ["PATH=/bin"]}),
+    )
     .unwrap()
 }
 
@@ -123,7 +125,9 @@ fn pending_writes_hold_no_thread_and_close_aborts_them() {
         for i in 0..STALLED {
             exec(&e, "stall", &format!("w{i}"), script, false).await;
             let p = e.process("stall", &format!("w{i}")).unwrap();
-            outputs.push(tokio::spawn(collect(read_stream(&p.stdio.stdout, 4096, 2).unwrap())));
+            outputs.push(tokio::spawn(collect(
+                read_stream(&p.stdio.stdout, 4096, 2).unwrap(),
+            )));
         }
         let data = Arc::new(vec![b'x'; BIG]);
         let mut writes = Vec::new();
@@ -136,11 +140,21 @@ fn pending_writes_hold_no_thread_and_close_aborts_them() {
         let p0 = e.process("stall", "w0").unwrap();
         let queued = tokio::spawn(async move { p0.stdio.stdin.write(b"queued").await });
         tokio::time::sleep(Duration::from_millis(300)).await;
-        assert!(writes.iter().all(|w| !w.is_finished()), "writes to full pipes wait");
+        assert!(
+            writes.iter().all(|w| !w.is_finished()),
+            "writes to full pipes wait"
+        );
         assert!(!queued.is_finished());
 
         // Meanwhile another container is created, runs, and gets its stdin.
-        create(&e, "other", common::spec("read line; echo got:$line"), &rootfs, true).await;
+        create(
+            &e,
+            "other",
+            common::spec("read line; echo got:$line"),
+            &rootfs,
+            true,
+        )
+        .await;
         let p = e.process("other", "").unwrap();
         let out = tokio::spawn(collect(read_stream(&p.stdio.stdout, 4096, 2).unwrap()));
         let n = tokio::time::timeout(Duration::from_secs(10), p.stdio.stdin.write(b"hello\n"))
@@ -174,11 +188,20 @@ fn pending_writes_hold_no_thread_and_close_aborts_them() {
                 other => panic!("w{i}: {other:?}"),
             }
             // Closed is closed: later writes are refused, close is idempotent.
-            assert!(matches!(p.stdio.stdin.write(b"late").await, Err(StdinError::Closed)));
+            assert!(matches!(
+                p.stdio.stdin.write(b"late").await,
+                Err(StdinError::Closed)
+            ));
             p.stdio.stdin.close().await;
         }
-        let q = tokio::time::timeout(Duration::from_secs(5), queued).await.unwrap().unwrap();
-        assert!(matches!(q, Err(StdinError::Aborted { written: 0, len: 6 })), "{q:?}");
+        let q = tokio::time::timeout(Duration::from_secs(5), queued)
+            .await
+            .unwrap()
+            .unwrap();
+        assert!(
+            matches!(q, Err(StdinError::Aborted { written: 0, len: 6 })),
+            "{q:?}"
+        );
 
         // Now every process reads: the remaining writes complete in full
         // (backpressure released, not an error).
@@ -218,7 +241,14 @@ fn terminal_stdin_and_stdout_share_the_master() {
         create(&e, "tty", common::spec("sleep 1000"), &rootfs, false).await;
 
         // Both directions through the (non-blocking) master at once.
-        exec(&e, "tty", "echo", "stty -echo; read line; echo got:$line", true).await;
+        exec(
+            &e,
+            "tty",
+            "echo",
+            "stty -echo; read line; echo got:$line",
+            true,
+        )
+        .await;
         let p = e.process("tty", "echo").unwrap();
         let out = tokio::spawn(collect(read_stream(&p.stdio.stdout, 1024, 4).unwrap()));
         // Wait for stty before writing, or the line would be echoed.
@@ -246,12 +276,21 @@ fn terminal_stdin_and_stdout_share_the_master() {
         let p2 = Arc::clone(&p);
         let w = tokio::spawn(async move { p2.stdio.stdin.write(&vec![b'y'; BIG]).await });
         tokio::time::sleep(Duration::from_millis(300)).await;
-        assert!(!w.is_finished(), "a full terminal input queue makes the write wait");
+        assert!(
+            !w.is_finished(),
+            "a full terminal input queue makes the write wait"
+        );
         tokio::time::timeout(Duration::from_secs(5), p.stdio.stdin.close())
             .await
             .expect("close of a full terminal gives up on VEOF");
-        let r = tokio::time::timeout(Duration::from_secs(5), w).await.unwrap().unwrap();
-        assert!(matches!(r, Err(StdinError::Aborted { len: BIG, .. })), "{r:?}");
+        let r = tokio::time::timeout(Duration::from_secs(5), w)
+            .await
+            .unwrap()
+            .unwrap();
+        assert!(
+            matches!(r, Err(StdinError::Aborted { len: BIG, .. })),
+            "{r:?}"
+        );
         e.signal("tty", "stall", 9, false).unwrap();
         assert_eq!(e.wait("tty", "stall").await.unwrap().status, 137);
 

@@ -147,7 +147,11 @@ impl Stdin {
             _ = closed.wait_for(|c| *c) => return Err(StdinError::Aborted { written: 0, len }),
             g = self.fd.lock() => g,
         };
-        let io_err = |written, source| StdinError::Io { written, len, source };
+        let io_err = |written, source| StdinError::Io {
+            written,
+            len,
+            source,
+        };
         let Some(afd) = registered(&mut slot).map_err(|e| io_err(0, e))? else {
             return Err(StdinError::Closed);
         };
