@@ -176,3 +176,115 @@ async fn create_start_wait_stdout_over_grpc() {
     );
     c.ping().await.unwrap();
 }
+
+/// 20 WriteStdin calls to processes that never read (more than the agent's
+/// 16 blocking threads) stay pending without stalling the agent: another
+/// container's create, exec and stdin still work; CloseStdin ends each
+/// pending call with ABORTED.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pending_stdin_writes_do_not_stall_the_agent() {
+    const STALLED: usize = 20;
+    let root = common::busybox_rootfs();
+    let dir = tempfile::tempdir().unwrap();
+    let agent_sock = dir.path().join("agent.sock");
+    let vmm_sock = dir.path().join("vmm.sock");
+    let _proxy = HybridVsockProxy::start(&vmm_sock, Behavior::Pipe(agent_sock.clone()))
+        .await
+        .unwrap();
+    let _agent = KillOnDrop(
+        Command::new(env!("CARGO_BIN_EXE_husk-agent"))
+            .arg("--listen-unix")
+            .arg(&agent_sock)
+            .stdin(Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
+    // Long enough for the pending writes to outlive the rest of the test.
+    let opts = ClientOptions {
+        request_timeout: Duration::from_secs(120),
+        ..ClientOptions::default()
+    };
+    let c = AgentClient::connect_with_retry(
+        &vmm_sock,
+        AGENT_VSOCK_PORT,
+        opts,
+        Instant::now() + Duration::from_secs(20),
+    )
+    .await
+    .unwrap();
+    let rootfs = root.path().to_str().unwrap().to_string();
+    let create = |id: &str, script: &str, stdin: bool| CreateContainer {
+        container_id: id.into(),
+        oci_spec_json: serde_json::to_vec(&common::spec(script)).unwrap(),
+        rootfs_path: rootfs.clone(),
+        stdin,
+        ..CreateContainer::default()
+    };
+    let sleeper = serde_json::to_vec(&json!({
+        "user": {"uid": 0, "gid": 0}, "args": ["sleep", "1000"], "cwd": "/", "env": ["PATH=/bin"]
+    }))
+    .unwrap();
+    c.create_container(create("stall", "sleep 1000", false))
+        .await
+        .unwrap();
+    c.start_container("stall").await.unwrap();
+    for i in 0..STALLED {
+        c.exec_process("stall", &format!("w{i}"), sleeper.clone(), true, false)
+            .await
+            .unwrap();
+    }
+    let mut writes = Vec::new();
+    for i in 0..STALLED {
+        let exec_id = format!("w{i}");
+        let c2 = c.clone();
+        writes.push(tokio::spawn(async move {
+            c2.write_stdin("stall", &exec_id, vec![b'x'; husk_proto::MAX_STDIN_CHUNK])
+                .await
+        }));
+    }
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert!(
+        writes.iter().all(|w| !w.is_finished()),
+        "writes wait for room"
+    );
+
+    // Another container, with stdin, while those are pending.
+    let quick = async {
+        c.create_container(create("other", "read l; echo got:$l", true))
+            .await
+            .unwrap();
+        let mut out = c.read_stdout("other", "").await.unwrap();
+        c.start_container("other").await.unwrap();
+        c.write_stdin("other", "", b"hi\n".to_vec()).await.unwrap();
+        assert_eq!(out.read_to_end(1024).await.unwrap(), b"got:hi\n");
+        let exit = c.wait_process("other", "", None).await.unwrap();
+        assert_eq!(exit.exit_status, 0);
+        c.exec_process("stall", "late", sleeper.clone(), false, false)
+            .await
+            .unwrap();
+    };
+    tokio::time::timeout(Duration::from_secs(20), quick)
+        .await
+        .expect("the agent stalled behind the pending stdin writes");
+
+    for (i, w) in writes.into_iter().enumerate() {
+        c.close_stdin("stall", &format!("w{i}")).await.unwrap();
+        let e = tokio::time::timeout(Duration::from_secs(10), w)
+            .await
+            .expect("CloseStdin ends the pending write")
+            .unwrap()
+            .unwrap_err();
+        assert_eq!(code(&e), Some(tonic::Code::Aborted), "{e}");
+        assert!(e.to_string().contains(&format!("w{i}")), "{e}");
+    }
+    let e = c
+        .write_stdin("stall", "w0", b"late".to_vec())
+        .await
+        .unwrap_err();
+    assert_eq!(code(&e), Some(tonic::Code::FailedPrecondition), "{e}");
+    c.remove_container("other", false).await.unwrap();
+    c.signal_process("stall", "", 9, false).await.unwrap();
+    c.wait_process("stall", "", None).await.unwrap();
+    c.remove_container("stall", true).await.unwrap();
+    c.ping().await.unwrap();
+}
