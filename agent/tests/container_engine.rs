@@ -560,3 +560,64 @@ fn user_namespace_maps_ids() {
     let e = create_err(&s, root.path(), "userns3");
     assert!(e.to_string().starts_with("linux.gidMappings[0]:"), "{e}");
 }
+
+#[test]
+fn sysctls_apply_in_the_containers_namespaces() {
+    let root = common::busybox_rootfs();
+    let host = |k: &str| std::fs::read_to_string(format!("/proc/sys/{k}")).unwrap();
+    let (forward, msgmax, rmid) = (
+        host("net/ipv4/ip_forward"),
+        host("kernel/msgmax"),
+        host("kernel/shm_rmid_forced"),
+    );
+    let want_forward = if forward.trim() == "1" { "0" } else { "1" };
+    let want_rmid = if rmid.trim() == "1" { "0" } else { "1" };
+    let mut s = common::spec(
+        "cat /proc/sys/net/ipv4/ip_forward /proc/sys/kernel/msgmax /proc/sys/kernel/shm_rmid_forced",
+    );
+    s["linux"]["sysctl"] = json!({
+        "net.ipv4.ip_forward": want_forward,
+        "kernel.msgmax": "12345",
+        "kernel.shm_rmid_forced": want_rmid,
+    });
+    assert_eq!(
+        run_ok(&s, root.path()),
+        format!("{want_forward}\n12345\n{want_rmid}\n")
+    );
+    // The container's own net and ipc namespaces: the host's values stay.
+    assert_eq!(host("net/ipv4/ip_forward"), forward);
+    assert_eq!(host("kernel/msgmax"), msgmax);
+    assert_eq!(host("kernel/shm_rmid_forced"), rmid);
+}
+
+#[test]
+fn oom_score_adj_is_set() {
+    let root = common::busybox_rootfs();
+    let mut s = common::spec("cat /proc/self/oom_score_adj; cat /proc/1/oom_score_adj");
+    s["process"]["oomScoreAdj"] = json!(123);
+    assert_eq!(run_ok(&s, root.path()), "123\n123\n");
+    // Lowering below the agent's own value needs CAP_SYS_RESOURCE, which the
+    // guest's agent has and a sandboxed test host may not.
+    let status = std::fs::read_to_string("/proc/self/status").unwrap();
+    let cap_eff = status
+        .lines()
+        .find_map(|l| l.strip_prefix("CapEff:\t"))
+        .map(|h| u64::from_str_radix(h, 16).unwrap())
+        .unwrap();
+    if cap_eff & (1 << 24) != 0 {
+        // 24: CAP_SYS_RESOURCE.
+        let mut s = common::spec("cat /proc/self/oom_score_adj");
+        s["process"]["oomScoreAdj"] = json!(-7);
+        assert_eq!(run_ok(&s, root.path()), "-7\n");
+    }
+}
+
+#[test]
+fn no_new_privileges_flag() {
+    let root = common::busybox_rootfs();
+    let mut s = common::spec("grep NoNewPrivs /proc/self/status");
+    s["process"]["noNewPrivileges"] = json!(true);
+    assert_eq!(run_ok(&s, root.path()), "NoNewPrivs:\t1\n");
+    s["process"]["noNewPrivileges"] = json!(false);
+    assert_eq!(run_ok(&s, root.path()), "NoNewPrivs:\t0\n");
+}
