@@ -279,3 +279,51 @@ fn oom_kill_is_reported_and_exits_137() {
     assert_eq!(ev, "oom");
     rt.block_on(e.remove("oom", false)).unwrap();
 }
+
+/// Needs the cpu, cpuset and memory controllers on cgroup v2 (the test
+/// host), at `HUSK_TEST_CGROUP2_ROOT` or /sys/fs/cgroup. Reads the limits
+/// from inside the container, through its own cgroup mount (the cgroup
+/// namespace is rooted at the container's cgroup) and /proc/self/status.
+#[test]
+#[ignore = "needs cgroup v2 with cpu, cpuset and memory: `make test` runs it in the test host"]
+fn cpu_cpuset_swap_limits_seen_inside() {
+    let root = std::env::var_os(ENV).map_or_else(|| PathBuf::from("/sys/fs/cgroup"), PathBuf::from);
+    let controllers = std::fs::read_to_string(root.join("cgroup.controllers")).unwrap_or_default();
+    for c in ["cpu", "cpuset", "memory"] {
+        assert!(
+            controllers.split_whitespace().any(|x| x == c),
+            "{} has no cgroup v2 {c} controller (controllers: {controllers:?})",
+            root.display()
+        );
+    }
+    let rootfs = common::busybox_rootfs();
+    let (rt, e) = engine(&root);
+    let script = "cd /sys/fs/cgroup && cat cpu.max cpuset.cpus cpuset.cpus.effective memory.max \
+                  memory.swap.max && grep Cpus_allowed_list /proc/self/status";
+    let mut s = common::spec(script);
+    s["linux"]["resources"] = json!({
+        "cpu": {"quota": 50_000, "period": 200_000, "cpus": "0"},
+        // OCI's swap is memory + swap: 32 MiB of swap.
+        "memory": {"limit": 33_554_432, "swap": 67_108_864},
+    });
+    create(&rt, &e, "limits", s, rootfs.path()).unwrap();
+    let p = e.process("limits", "").unwrap();
+    let e2 = Arc::clone(&e);
+    blocking(&rt, move || e2.start("limits")).unwrap();
+    let out = rt.block_on(async {
+        let mut rx = husk_agent::container::stdio::read_stream(&p.stdio.stdout, 4096, 2).unwrap();
+        let mut out = Vec::new();
+        while let Some(c) = rx.recv().await {
+            out.extend(c.unwrap());
+        }
+        String::from_utf8(out).unwrap()
+    });
+    let exit = rt.block_on(e.wait("limits", "")).unwrap();
+    assert_eq!(exit.status, 0, "{out}");
+    assert_eq!(
+        out,
+        "50000 200000\n0\n0\n33554432\n33554432\nCpus_allowed_list:\t0\n"
+    );
+    rt.block_on(e.remove("limits", false)).unwrap();
+    assert!(!root.join("husk/limits").exists());
+}
