@@ -110,6 +110,22 @@ async fn collect(mut rx: tokio::sync::mpsc::Receiver<std::io::Result<Vec<u8>>>) 
     String::from_utf8_lossy(&out).into_owned()
 }
 
+/// Reads `rx` until the output contains `marker`; returns what was read.
+async fn read_until(
+    rx: &mut tokio::sync::mpsc::Receiver<std::io::Result<Vec<u8>>>,
+    marker: &str,
+) -> String {
+    let mut out = Vec::new();
+    while !String::from_utf8_lossy(&out).contains(marker) {
+        let chunk = tokio::time::timeout(Duration::from_secs(20), rx.recv())
+            .await
+            .unwrap_or_else(|_| panic!("no {marker:?} in {:?}", String::from_utf8_lossy(&out)))
+            .unwrap_or_else(|| panic!("EOF before {marker:?}"));
+        out.extend(chunk.unwrap());
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
 #[test]
 fn pending_writes_hold_no_thread_and_close_aborts_them() {
     let root = common::busybox_rootfs();
@@ -240,39 +256,55 @@ fn terminal_stdin_and_stdout_share_the_master() {
     rt.block_on(async move {
         create(&e, "tty", common::spec("sleep 1000"), &rootfs, false).await;
 
-        // Both directions through the (non-blocking) master at once.
+        // Both directions through the (non-blocking) master at once. Each
+        // process says "ready" once echo is off, or the input would be echoed.
         exec(
             &e,
             "tty",
             "echo",
-            "stty -echo; read line; echo got:$line",
+            "stty -echo; echo ready; read line; echo got:$line",
             true,
         )
         .await;
         let p = e.process("tty", "echo").unwrap();
-        let out = tokio::spawn(collect(read_stream(&p.stdio.stdout, 1024, 4).unwrap()));
-        // Wait for stty before writing, or the line would be echoed.
-        tokio::time::sleep(Duration::from_millis(300)).await;
+        let mut rx = read_stream(&p.stdio.stdout, 1024, 4).unwrap();
+        read_until(&mut rx, "ready").await;
         assert_eq!(p.stdio.stdin.write(b"hello\n").await.unwrap(), 6);
+        let out = collect(rx).await;
         assert_eq!(e.wait("tty", "echo").await.unwrap().status, 0);
-        assert_eq!(out.await.unwrap().trim(), "got:hello");
+        assert_eq!(out.trim(), "got:hello");
 
         // CloseStdin sends VEOF: `cat` ends.
-        exec(&e, "tty", "cat", "stty -echo; cat; echo cat-done", true).await;
+        exec(
+            &e,
+            "tty",
+            "cat",
+            "stty -echo; echo ready; cat; echo cat-done",
+            true,
+        )
+        .await;
         let p = e.process("tty", "cat").unwrap();
-        let out = tokio::spawn(collect(read_stream(&p.stdio.stdout, 1024, 4).unwrap()));
-        tokio::time::sleep(Duration::from_millis(300)).await;
+        let mut rx = read_stream(&p.stdio.stdout, 1024, 4).unwrap();
+        read_until(&mut rx, "ready").await;
         p.stdio.stdin.write(b"abc\n").await.unwrap();
         p.stdio.stdin.close().await;
+        let text = collect(rx).await;
         assert_eq!(e.wait("tty", "cat").await.unwrap().status, 0);
-        let text = out.await.unwrap();
         assert_eq!(text.replace('\r', ""), "abc\ncat-done\n", "{text:?}");
 
         // A terminal that is never read: the write waits for room in its
         // input queue, close aborts it, and the output side still works.
-        exec(&e, "tty", "stall", "stty raw -echo; sleep 1000", true).await;
+        exec(
+            &e,
+            "tty",
+            "stall",
+            "stty raw -echo; echo ready; sleep 1000",
+            true,
+        )
+        .await;
         let p = e.process("tty", "stall").unwrap();
-        tokio::time::sleep(Duration::from_millis(300)).await;
+        let mut rx = read_stream(&p.stdio.stdout, 1024, 4).unwrap();
+        read_until(&mut rx, "ready").await;
         let p2 = Arc::clone(&p);
         let w = tokio::spawn(async move { p2.stdio.stdin.write(&vec![b'y'; BIG]).await });
         tokio::time::sleep(Duration::from_millis(300)).await;
@@ -293,6 +325,8 @@ fn terminal_stdin_and_stdout_share_the_master() {
         );
         e.signal("tty", "stall", 9, false).unwrap();
         assert_eq!(e.wait("tty", "stall").await.unwrap().status, 137);
+        // The reader saw the end of the terminal, not an error.
+        assert_eq!(collect(rx).await, "");
 
         e.signal("tty", "", 9, false).unwrap();
         e.wait("tty", "").await.unwrap();
