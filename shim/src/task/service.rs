@@ -334,7 +334,8 @@ impl TaskService {
                             code: tonic::Code::NotFound,
                             ..
                         }
-                        | ClientError::InvalidReply { .. }),
+                        | ClientError::InvalidReply { .. }
+                        | ClientError::ReplyRejected { .. }),
                     ) => {
                         tracing::warn!(container = %cid, exec = %eid, error = %e, "the agent cannot report this process's exit");
                         break Exit {
