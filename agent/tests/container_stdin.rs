@@ -242,6 +242,24 @@ fn pending_writes_hold_no_thread_and_close_aborts_them() {
             assert_eq!(out.trim(), n.to_string(), "w{i}");
             assert_eq!(e.wait("stall", &format!("w{i}")).await.unwrap().status, 0);
         }
+        // A process that exits without reading ends the pending write with
+        // EPIPE (its read end is gone), not a hang.
+        exec(&e, "stall", "gone", "sleep 0.3", false).await;
+        let p = e.process("stall", "gone").unwrap();
+        let r = tokio::time::timeout(Duration::from_secs(20), p.stdio.stdin.write(&data))
+            .await
+            .expect("the exit ends the write");
+        match r {
+            Err(StdinError::Io {
+                written,
+                len,
+                source,
+            }) => {
+                assert_eq!(source.raw_os_error(), Some(libc::EPIPE), "{source}");
+                assert!(written > 0 && written < len, "{written}");
+            }
+            other => panic!("{other:?}"),
+        }
         e.signal("stall", "", 9, false).unwrap();
         e.wait("stall", "").await.unwrap();
         e.remove("stall", false).await.unwrap();
