@@ -159,6 +159,17 @@ struct Rx {
 }
 
 impl Rx {
+    fn new() -> Self {
+        Self {
+            frame: vec![0u8; MAX_FRAME_LEN].into_boxed_slice(),
+            pending: 0,
+            reserved: VecDeque::new(),
+            reserved_bytes: 0,
+            stalled: false,
+            log: LogLimit::default(),
+        }
+    }
+
     /// Forgets every frame and buffer of the current driver instance.
     fn clear(&mut self) {
         self.pending = 0;
@@ -239,14 +250,7 @@ impl Net {
             registered: Vec::new(),
             tap_events: None,
             tap_failed: false,
-            rx: Rx {
-                frame: vec![0u8; MAX_FRAME_LEN].into_boxed_slice(),
-                pending: 0,
-                reserved: VecDeque::new(),
-                reserved_bytes: 0,
-                stalled: false,
-                log: LogLimit::default(),
-            },
+            rx: Rx::new(),
             tx: Tx {
                 buf: vec![0u8; MAX_FRAME_LEN].into_boxed_slice(),
                 blocked: false,
@@ -309,13 +313,9 @@ impl Net {
         let was_active = self.state.is_active();
         let (acked, tap_failed) = (self.acked_features, self.tap_failed);
         let (tap, rx, stats) = (&self.tap, &mut self.rx, &mut self.stats);
+        let mut read = |buf: &mut [u8]| tap.read_frame(buf);
         self.state.run("virtio-net", |a| {
-            let mut used = false;
-            let res = fill_rx(a, rx, tap, tap_failed, stats, acked, &mut used);
-            if used {
-                notify(a, RXQ);
-            }
-            res
+            run_rx(a, rx, &mut read, tap_failed, stats, acked)
         });
         self.after_ring_use(was_active);
     }
@@ -519,11 +519,85 @@ where
     Ok(frame.len())
 }
 
-/// Entry points for the fuzz targets in `fuzz/` (no stable API): the guest-controlled part of
-/// the tx path, without the tap.
+/// Entry points for the fuzz targets in `fuzz/` (no stable API): the guest-controlled parts of
+/// the tx and rx paths, without the tap.
 #[doc(hidden)]
 pub mod fuzzing {
-    use super::GuestMemory;
+    use std::io;
+
+    use virtio_queue::{Queue, QueueT};
+
+    use super::{
+        health, run_rx, Active, GuestMemory, IrqTrigger, NetStats, Rx, RXQ, VIRTIO_RING_F_EVENT_IDX,
+    };
+
+    /// What [`receive_frames`] did.
+    #[derive(Debug)]
+    pub struct RxRun {
+        /// Only the rx counters are used.
+        pub stats: NetStats,
+        /// Frames taken from the source (delivered, dropped, runts, or still held).
+        pub taken: usize,
+        /// The last frame taken still waits for buffers.
+        pub pending: bool,
+        /// Chains popped and validated but not returned yet.
+        pub reserved: usize,
+        /// The device stopped reading and waits for an rx notification.
+        pub stalled: bool,
+        /// Set if the ring broke (the device would need a reset); nothing ran after that.
+        pub broken: Option<String>,
+    }
+
+    /// Runs the device's rx path on `queue` (the rx queue, as activation hands it over) with
+    /// `frames` in place of the tap (each one frame with its 12-byte vnet header, cut to what a
+    /// tap read would return), for `wakeups` rx queue notifications: each does exactly what
+    /// `rx_queue_notified` does, so a stalled device looks at the ring again.
+    pub fn receive_frames(
+        mem: &GuestMemory,
+        mut queue: Queue,
+        acked: u64,
+        irq: IrqTrigger,
+        frames: &[&[u8]],
+        wakeups: usize,
+    ) -> RxRun {
+        queue.set_event_idx(acked & (1 << VIRTIO_RING_F_EVENT_IDX) != 0);
+        let mut a = Active {
+            mem: mem.clone(),
+            queues: vec![queue],
+            evts: Vec::new(),
+            irq,
+        };
+        let mut rx = Rx::new();
+        let mut stats = NetStats::default();
+        let mut taken = 0;
+        let mut read = |buf: &mut [u8]| {
+            let Some(f) = frames.get(taken) else {
+                return Err(io::ErrorKind::WouldBlock.into());
+            };
+            taken += 1;
+            let n = f.len().min(buf.len());
+            buf[..n].copy_from_slice(&f[..n]);
+            Ok(n)
+        };
+        let mut broken = None;
+        for _ in 0..wakeups {
+            rx.stalled = false;
+            let res = health::disable_notification(&mut a.queues[RXQ], &a.mem, RXQ)
+                .and_then(|()| run_rx(&mut a, &mut rx, &mut read, false, &mut stats, acked));
+            if let Err(e) = res {
+                broken = Some(e.to_string());
+                break;
+            }
+        }
+        RxRun {
+            stats,
+            taken,
+            pending: rx.pending != 0,
+            reserved: rx.reserved.len(),
+            stalled: rx.stalled,
+            broken,
+        }
+    }
 
     /// Validates and gathers one tx chain into `buf` (at least [`super::MAX_FRAME_LEN`] bytes,
     /// like the device's buffer), exactly as `process_tx` does before writing to the tap.
@@ -635,11 +709,29 @@ fn drain_tx(
     }
 }
 
-/// Moves up to [`RX_BATCH`] frames from the tap into guest buffers; `used` as in [`drain_tx`].
+/// One rx wakeup: [`fill_rx`], then at most one interrupt.
+fn run_rx(
+    a: &mut Active,
+    rx: &mut Rx,
+    read: &mut dyn FnMut(&mut [u8]) -> io::Result<usize>,
+    tap_failed: bool,
+    stats: &mut NetStats,
+    acked: u64,
+) -> Result<(), RingError> {
+    let mut used = false;
+    let res = fill_rx(a, rx, read, tap_failed, stats, acked, &mut used);
+    if used {
+        notify(a, RXQ);
+    }
+    res
+}
+
+/// Moves up to [`RX_BATCH`] frames from `read` (the tap: one frame with its vnet header per
+/// call, `WouldBlock` when none is queued) into guest buffers; `used` as in [`drain_tx`].
 fn fill_rx(
     a: &mut Active,
     rx: &mut Rx,
-    tap: &Tap,
+    read: &mut dyn FnMut(&mut [u8]) -> io::Result<usize>,
     tap_failed: bool,
     stats: &mut NetStats,
     acked: u64,
@@ -663,7 +755,7 @@ fn fill_rx(
                 rx.stalled = true;
                 return Ok(());
             }
-            match tap.read_frame(&mut rx.frame) {
+            match read(&mut rx.frame) {
                 Ok(n) if n < VNET_HDR_LEN + 14 => {
                     budget -= 1;
                     stats.rx_dropped += 1;
