@@ -16,6 +16,8 @@ use tokio_vsock::{VsockAddr, VsockListener, VMADDR_CID_ANY};
 
 use crate::service::Agent;
 
+/// Concurrent gRPC streams one client connection may hold open.
+const MAX_STREAMS_PER_CONNECTION: u32 = 1024;
 /// Where to serve.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Listen {
@@ -66,7 +68,11 @@ pub async fn serve(listen: &Listen, agent: Agent) -> Result<(), ServerError> {
         listen: listen.clone(),
         source,
     };
-    let server = tonic::transport::Server::builder();
+    // Every open stream (a WaitProcess, an OomEvents subscription, a stdout reader) is a task
+    // and a channel here: cap them per connection so a runaway client gets REFUSED_STREAM
+    // instead of growing the agent without bound. A pod's shim needs a few per process.
+    let server =
+        tonic::transport::Server::builder().max_concurrent_streams(MAX_STREAMS_PER_CONNECTION);
     let result = match listen {
         Listen::Vsock(port) => {
             let l = VsockListener::bind(VsockAddr::new(VMADDR_CID_ANY, *port)).map_err(bind_err)?;

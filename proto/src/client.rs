@@ -1031,7 +1031,8 @@ impl AgentClient {
         })
     }
 
-    /// `WriteStdin`: writes all of `data` (≤ [`MAX_STDIN_CHUNK`]).
+    /// `WriteStdin`: writes all of `data` (≤ [`MAX_STDIN_CHUNK`]); waits, without the request
+    /// timeout, for as long as the process takes to read it.
     pub async fn write_stdin(
         &self,
         container_id: &str,
@@ -1055,9 +1056,14 @@ impl AgentClient {
             exec_id: exec_id.to_string(),
             data,
         };
-        let r = self
-            .call(M, async move { c.write_stdin(req).await })
-            .await?;
+        // No deadline: the agent answers once the process has read the bytes, and a process
+        // may rightly leave its stdin unread for minutes (backpressure, not a hang). A dead VM
+        // or agent ends the call through the connection; CloseStdin ends it with ABORTED.
+        let r = c
+            .write_stdin(req)
+            .await
+            .map(tonic::Response::into_inner)
+            .map_err(|s| self.rpc_error(M, &s))?;
         if r.written as usize != len {
             return Err(self.invalid(M, "written", format!("{} of {len} bytes", r.written)));
         }
@@ -1842,7 +1848,8 @@ mod e2e_tests {
             &self,
             r: Request<WriteStdinRequest>,
         ) -> Result<Response<WriteStdinResponse>, Status> {
-            // Hostile: claims one byte less than sent.
+            // Takes `delay` (a process slow to read), then lies: claims one byte less than sent.
+            tokio::time::sleep(self.delay).await;
             let n = r.into_inner().data.len() as u32;
             Ok(Response::new(WriteStdinResponse {
                 written: n.saturating_sub(1),
@@ -2530,7 +2537,7 @@ mod e2e_tests {
     }
 
     #[tokio::test]
-    async fn wait_process_outlives_the_request_timeout() {
+    async fn wait_process_and_write_stdin_outlive_the_request_timeout() {
         let agent = TestAgent {
             delay: Duration::from_millis(600),
             ..TestAgent::default()
@@ -2544,6 +2551,19 @@ mod e2e_tests {
             .await
             .unwrap();
         assert_eq!(c.wait_process("c1", "", None).await.unwrap().exit_status, 3);
+        // A stdin write waits for the reader as long as it takes: the reply (hostile here: one
+        // byte short) arrives after 600 ms and is judged, not cut off by the 200 ms timeout.
+        let e = c.write_stdin("c1", "", b"abc".to_vec()).await.unwrap_err();
+        assert!(
+            matches!(
+                e,
+                ClientError::InvalidReply {
+                    field: "written",
+                    ..
+                }
+            ),
+            "{e}"
+        );
         let e = c
             .wait_process("c1", "", Some(Duration::from_millis(100)))
             .await
