@@ -154,7 +154,127 @@ def vhost_fs_replies():
         GET_VRING_BASE, struct.pack("<II", 7, 0xffff)) + reply(GET_VRING_BASE, b"\x01\x00")
 
 
-for target in (chain_reader, net_tx, blk_request, vsock_tx, vhost_fs_replies):
+def net_rx():
+    """Rx chains on queue 0; the payload is the frames: [len u16 LE][bytes] (see net_rx.rs)."""
+    MRG, CSUM, EVENT_IDX = 1, 2, 4
+
+    def frame(n, seed=0, hdr=bytes(12)):
+        body = b"\x02HUSK\x01" + b"\x02HUSK\x02" + b"\x88\xb5"
+        body += bytes((i * 31 + seed) & 0xff for i in range(n))
+        return hdr + body
+
+    def frames(*fs):
+        return b"".join(struct.pack("<H", len(f)) + f for f in fs)
+
+    bufs = lambda n, size, base=0x2000: [(base + i * size, size, WRITE, 0) for i in range(n)]
+    yield "mrg_one_frame", seed([MRG, 0, 0, 0], bufs(4, 2048), [0, 1, 2, 3], frames(frame(100)))
+    yield "mrg_spans_small_buffers", seed([MRG, 0, 0, 0], bufs(8, 64), list(range(8)),
+                                          frames(frame(286, 3)))
+    yield "no_mrg_must_fit_one", seed([0, 0, 0, 0], bufs(2, 256), [0, 1],
+                                      frames(frame(400, 5), frame(100, 6)))
+    chain = [(0x2000, 20, WRITE | NEXT, 1), (0x3000, 100, WRITE | NEXT, 2), (0x4000, 2000, WRITE, 0)]
+    yield "chained_descriptors", seed([0, 0, 0, 0], chain, [0], frames(frame(500, 1)))
+    bad = [(0x2000, 2048, 0, 0), (0x2800, 8, WRITE, 0), (0x3000, 0, WRITE, 0),
+           (0xfff0, 0x40, WRITE, 0), (0x4000, 2048, WRITE, 0)]
+    yield "malformed_then_good", seed([MRG, 0, 0, 0], bad, [0, 1, 2, 3, 4], frames(frame(60, 2)))
+    # A 64 KiB TSO frame over sixteen 4 KiB buffers in the second region; the frame bytes past
+    # its header come from the pattern (the length says 65535, the input stops early).
+    tso = frame(40, 9, hdr=bytes([1, 1]) + bytes(10))
+    yield "tso_64k", seed([MRG | CSUM, 0, 0, 0], bufs(16, 4096, 0x2_0000), list(range(16)),
+                          struct.pack("<H", 65535) + tso)
+    yield "runt_then_stall", seed([MRG, 1, 0, 0], bufs(1, 2048), [0],
+                                  frames(b"\x00" * 10, frame(100), frame(200), frame(300)))
+    yield "data_valid_without_csum", seed([MRG, 0, 0, 0], bufs(2, 2048), [0, 1],
+                                          frames(frame(80, 4, hdr=bytes([2]) + bytes(11))))
+    yield "event_idx_two_wakeups", seed([MRG | EVENT_IDX, 1, 0, 0], bufs(3, 1024), [0, 1, 2],
+                                        frames(frame(900), frame(900), frame(900), frame(50)))
+    yield "no_buffers", seed([MRG, 2, 0, 0], [], [], frames(frame(100)))
+    yield "bad_avail_idx", seed([MRG, 0, 0, 0], bufs(2, 2048), [0, 1], frames(frame(100)),
+                                avail_idx=40)
+
+
+def mmio_transport():
+    """MMIO access sequences against virtio-blk / virtio-vsock (see mmio_transport.rs)."""
+    BLK, VSOCK = 0, 1
+    SIZE = {1: 0, 2: 1, 4: 2, 8: 3}
+
+    def R(off, size=4):
+        return bytes([SIZE[size]]) + struct.pack("<H", off)
+
+    def W(off, val, size=4):
+        return bytes([SIZE[size] | 4]) + struct.pack("<H", off) + val.to_bytes(size, "little")
+
+    def M(addr, data):
+        out = b""
+        while data:
+            out += bytes([8]) + struct.pack("<HB", addr, len(data[:255])) + data[:255]
+            addr, data = addr + 255, data[255:]
+        return out
+
+    T = bytes([12])
+
+    def negotiate(low):
+        out = W(0x70, 1) + W(0x70, 3)
+        for sel in (0, 1):
+            out += W(0x14, sel) + R(0x10)
+        out += W(0x24, 0) + W(0x20, low) + W(0x24, 1) + W(0x20, 1)  # high word: VERSION_1
+        return out + W(0x70, 11) + R(0x70)
+
+    def queue(q, size=16):
+        d, a, u = q * 0x400, q * 0x400 + 0x100, q * 0x400 + 0x200
+        return (W(0x30, q) + R(0x34) + W(0x38, size) + W(0x80, d) + W(0x84, 0) + W(0x90, a)
+                + W(0x94, 0) + W(0xa0, u) + W(0xa4, 0) + W(0x44, 1) + R(0x44))
+
+    def descs(q, ds):
+        return M(q * 0x400, b"".join(struct.pack("<QIHH", *d) for d in ds))
+
+    def avail(q, heads, idx=None):
+        n = len(heads) if idx is None else idx
+        return M(q * 0x400 + 0x100, struct.pack("<HH", 0, n) + b"".join(
+            struct.pack("<H", h) for h in heads))
+
+    blk_feats = (1 << 2) | (1 << 6) | (1 << 9) | (1 << 29)
+    blk_up = negotiate(blk_feats) + queue(0) + W(0x70, 15) + R(0x70)
+    hdr = lambda t, sector: struct.pack("<IIQ", t, 0, sector)
+    req3 = lambda n, dflags: [(0x1000, 16, NEXT, 1), (0x1200, n, dflags | NEXT, 2),
+                              (0x1010, 1, WRITE, 0)]
+    cfg = R(0x100, 8) + R(0x108, 4) + R(0x114, 2) + R(0x117, 1) + R(0x1000, 8)
+    yield "blk_read", bytes([BLK]) + blk_up + cfg + M(0x1000, hdr(0, 3)) + descs(0, req3(512, WRITE)) \
+        + avail(0, [0]) + W(0x50, 0) + T + R(0x60) + W(0x64, 1) + R(0x60) + W(0x70, 0) + R(0x70)
+    yield "blk_write_flush", bytes([BLK]) + blk_up + M(0x1000, hdr(1, 5)) + M(0x1200, b"\x77" * 512) \
+        + descs(0, req3(512, 0) + [(0x1020, 16, NEXT, 4), (0x1030, 1, WRITE, 0)]) \
+        + M(0x1020, hdr(4, 0)) + avail(0, [0, 3]) + W(0x50, 0) + T + T
+    yield "blk_read_only", bytes([2]) + blk_up + M(0x1000, hdr(1, 5)) + descs(0, req3(512, 0)) \
+        + avail(0, [0]) + W(0x50, 0) + T
+    yield "blk_bad_accesses", bytes([BLK]) + W(0x70, 4) + W(0x70, 15) + W(0x20, 1) + W(0x38, 8) \
+        + R(0x70, 2) + W(0x71, 1, 1) + W(0x72, 3, 2) + R(0x10, 8) + W(0x100, 1, 8) + R(0xfff0) \
+        + W(0x70, 1) + W(0x70, 3) + W(0x30, 7) + R(0x34) + W(0x50, 0) + W(0x64, 3) + R(0xfc) \
+        + R(0xb0) + W(0x14, 9) + R(0x10) + W(0x70, 0)
+    yield "blk_no_version_1", bytes([BLK]) + W(0x70, 1) + W(0x70, 3) + W(0x20, blk_feats) \
+        + W(0x70, 11) + R(0x70) + W(0x70, 15) + R(0x70)
+    yield "blk_queue_outside_memory", bytes([BLK]) + negotiate(blk_feats) + queue(0) \
+        + W(0x80, 0xffff0000) + W(0x38, 256) + W(0x38, 3) + W(0x70, 15) + R(0x70) + W(0x70, 15) \
+        + W(0x70, 0) + blk_up
+    yield "blk_broken_ring", bytes([BLK]) + blk_up + avail(0, [0], idx=100) + W(0x50, 0) + T \
+        + R(0x70) + R(0x60) + W(0x70, 0x4f) + W(0x70, 0) + blk_up
+    yield "blk_failed", bytes([BLK]) + W(0x70, 1) + W(0x70, 0x81) + W(0x70, 3) + R(0x70) + W(0x70, 0)
+    yield "blk_queue_changes_after_driver_ok", bytes([BLK]) + blk_up + W(0x38, 32) + W(0x44, 0) \
+        + W(0x80, 0x5000) + M(0x1000, hdr(8, 0)) + descs(0, req3(20, WRITE)) + avail(0, [0]) \
+        + W(0x50, 0) + W(0x50, 5) + T
+
+    vs_up = negotiate(0) + queue(0) + queue(1) + queue(2) + W(0x70, 15) + R(0x70)
+    pkt = lambda op, length=0, flags=0: struct.pack("<QQIIIHHIII", 3, 2, 50000, 1024, length, 1, op,
+                                                    flags, 1 << 20, 0)
+    rx = descs(0, [(0x2000 + i * 0x100, 0x100, WRITE, 0) for i in range(4)]) + avail(0, range(4))
+    tx = M(0x3000, pkt(1)) + M(0x3040, pkt(5, 5) + b"hello") + M(0x3080, pkt(4, flags=3)) \
+        + descs(1, [(0x3000, 44, 0, 0), (0x3040, 49, 0, 0), (0x3080, 44, 0, 0)]) \
+        + avail(1, [0, 1, 2])
+    yield "vsock_connect", bytes([VSOCK]) + vs_up + cfg + rx + W(0x50, 0) + tx + W(0x50, 1) + T + T \
+        + R(0x60) + W(0x64, 1) + W(0x70, 0)
+
+
+for target in (chain_reader, net_tx, blk_request, vsock_tx, vhost_fs_replies, net_rx,
+               mmio_transport):
     d = os.path.join(HERE, "corpus", target.__name__)
     os.makedirs(d, exist_ok=True)
     for name, data in target():
