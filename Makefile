@@ -146,7 +146,7 @@ demo: deps guest testhost images
 # lets the stable toolchain accept them. New corpus entries go to a scratch directory (the seeds in
 # fuzz/corpus stay as committed); crashes are saved in fuzz/artifacts/<target>/.
 FUZZ_SECONDS ?= 60
-FUZZ_TARGETS := chain_reader net_tx blk_request vsock_tx vhost_fs_replies
+FUZZ_TARGETS := chain_reader net_tx net_rx blk_request vsock_tx vhost_fs_replies mmio_transport
 CARGO_FUZZ_VERSION := 0.13.2
 CARGO_FUZZ := $(HUSK_CACHE)/cargo-fuzz/bin/cargo-fuzz
 
