@@ -9,36 +9,13 @@
 
 mod common;
 
-use std::sync::{Arc, OnceLock};
+use std::sync::Arc;
 use std::time::Duration;
 
-use husk_agent::container::{CreateParams, Engine, EngineConfig, EngineError, ExecParams};
-use husk_agent::reaper::Reaper;
+use husk_agent::container::{CreateParams, EngineError, ExecParams};
 use serde_json::{json, Value};
 
-/// One runtime + reaper + engine for the whole binary (the reaper must be
-/// the only waiter in this process).
-fn engine() -> (Arc<Engine>, &'static tokio::runtime::Runtime) {
-    static RT: OnceLock<(tokio::runtime::Runtime, Arc<Engine>)> = OnceLock::new();
-    let (rt, e) = RT.get_or_init(|| {
-        let rt = tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(2)
-            .enable_all()
-            .build()
-            .unwrap();
-        let reaper = Reaper::new();
-        let r = Arc::clone(&reaper);
-        rt.spawn(async move { r.run().await });
-        let cfg = EngineConfig {
-            // Not cgroup2 on this host: no cgroups for these containers.
-            cgroup_root: "/nonexistent-cgroup2".into(),
-            ..EngineConfig::default()
-        };
-        let e = rt.block_on(async { Engine::new(cfg, reaper) });
-        (rt, e)
-    });
-    (Arc::clone(e), rt)
-}
+use common::engine;
 
 fn unique(name: &str) -> String {
     static N: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);

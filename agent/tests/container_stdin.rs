@@ -10,12 +10,11 @@
 
 mod common;
 
-use std::sync::{Arc, OnceLock};
+use std::sync::Arc;
 use std::time::Duration;
 
 use husk_agent::container::stdio::{read_stream, StdinError};
-use husk_agent::container::{CreateParams, Engine, EngineConfig, ExecParams};
-use husk_agent::reaper::Reaper;
+use husk_agent::container::{CreateParams, Engine, ExecParams};
 use serde_json::{json, Value};
 
 /// One MiB: the largest WriteStdin, 16 times a pipe's default capacity.
@@ -23,27 +22,7 @@ const BIG: usize = husk_proto::MAX_STDIN_CHUNK;
 /// More pending writes than the agent has blocking threads.
 const STALLED: usize = 20;
 
-fn engine() -> (Arc<Engine>, &'static tokio::runtime::Runtime) {
-    static RT: OnceLock<(tokio::runtime::Runtime, Arc<Engine>)> = OnceLock::new();
-    let (rt, e) = RT.get_or_init(|| {
-        let rt = tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(2)
-            .max_blocking_threads(16)
-            .enable_all()
-            .build()
-            .unwrap();
-        let reaper = Reaper::new();
-        let r = Arc::clone(&reaper);
-        rt.spawn(async move { r.run().await });
-        let cfg = EngineConfig {
-            cgroup_root: "/nonexistent-cgroup2".into(),
-            ..EngineConfig::default()
-        };
-        let e = rt.block_on(async { Engine::new(cfg, reaper) });
-        (rt, e)
-    });
-    (Arc::clone(e), rt)
-}
+use common::engine;
 
 fn process_json(script: &str, terminal: bool) -> Vec<u8> {
     serde_json::to_vec(

@@ -8,35 +8,13 @@
 
 mod common;
 
-use std::sync::{Arc, OnceLock};
+use std::sync::Arc;
 use std::time::Duration;
 
-use husk_agent::container::{stdio, CreateParams, Engine, EngineConfig, EngineError, ExecParams};
-use husk_agent::reaper::Reaper;
+use husk_agent::container::{stdio, CreateParams, Engine, EngineError, ExecParams};
 use serde_json::{json, Value};
 
-/// One runtime + reaper + engine for the whole binary.
-fn engine() -> (Arc<Engine>, &'static tokio::runtime::Runtime) {
-    static RT: OnceLock<(tokio::runtime::Runtime, Arc<Engine>)> = OnceLock::new();
-    let (rt, e) = RT.get_or_init(|| {
-        let rt = tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(2)
-            .enable_all()
-            .build()
-            .unwrap();
-        let reaper = Reaper::new();
-        let r = Arc::clone(&reaper);
-        rt.spawn(async move { r.run().await });
-        let cfg = EngineConfig {
-            // Not cgroup2 on this host: no cgroups for these containers.
-            cgroup_root: "/nonexistent-cgroup2".into(),
-            ..EngineConfig::default()
-        };
-        let e = rt.block_on(async { Engine::new(cfg, reaper) });
-        (rt, e)
-    });
-    (Arc::clone(e), rt)
-}
+use common::engine;
 
 async fn collect(mut rx: tokio::sync::mpsc::Receiver<std::io::Result<Vec<u8>>>) -> String {
     let mut out = Vec::new();

@@ -13,8 +13,7 @@ use std::process::Command;
 use std::sync::Arc;
 use std::time::Duration;
 
-use husk_agent::container::{CreateParams, Engine, EngineConfig, EngineError};
-use husk_agent::reaper::Reaper;
+use husk_agent::container::{CreateParams, EngineError};
 use husk_agent::storage::Storage;
 
 fn opts(o: &[&str]) -> Vec<String> {
@@ -280,19 +279,7 @@ fn block_device_rootfs_inner() {
     let mi = mountinfo(target).expect("mounted");
     assert!(mi.contains(&format!(" - ext4 {dev} ")), "{mi}");
 
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .unwrap();
-    let reaper = Reaper::new();
-    let r = Arc::clone(&reaper);
-    rt.spawn(async move { r.run().await });
-    let cfg = EngineConfig {
-        cgroup_root: "/nonexistent-cgroup2".into(),
-        ..EngineConfig::default()
-    };
-    let e = rt.block_on(async { Engine::new(cfg, reaper) });
+    let (e, rt) = common::engine();
     let spec = common::spec(
         "cat /marker; grep ' / / ' /proc/self/mountinfo; echo from-the-container > /work/written",
     );

@@ -4,8 +4,37 @@
 #![allow(dead_code)]
 
 use std::path::Path;
+use std::sync::{Arc, OnceLock};
 
+use husk_agent::container::{Engine, EngineConfig};
+use husk_agent::reaper::Reaper;
 use serde_json::{json, Value};
+
+/// One runtime, reaper and engine per test binary, built like the agent's (2 workers, at most 16
+/// blocking threads), without cgroups (this host has no cgroup2 controllers; container_cgroup.rs
+/// builds its own). The reaper reaps *every* child of the test process: tests in a binary that
+/// uses this must not wait for children themselves.
+pub fn engine() -> (Arc<Engine>, &'static tokio::runtime::Runtime) {
+    static RT: OnceLock<(tokio::runtime::Runtime, Arc<Engine>)> = OnceLock::new();
+    let (rt, e) = RT.get_or_init(|| {
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .max_blocking_threads(16)
+            .enable_all()
+            .build()
+            .expect("tokio runtime");
+        let reaper = Reaper::new();
+        let r = Arc::clone(&reaper);
+        rt.spawn(async move { r.run().await });
+        let cfg = EngineConfig {
+            cgroup_root: "/nonexistent-cgroup2".into(),
+            ..EngineConfig::default()
+        };
+        let e = rt.block_on(async { Engine::new(cfg, reaper) });
+        (rt, e)
+    });
+    (Arc::clone(e), rt)
+}
 
 /// Applets linked into the test rootfs.
 pub const APPLETS: &[&str] = &[
