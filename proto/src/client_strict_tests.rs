@@ -23,40 +23,13 @@ use tonic::{Code, Request, Response, Status};
 
 use super::e2e_tests::{fast_opts, setup, TestAgent};
 use super::{AgentClient, ClientError, HybridConnector};
+use crate::strict_codec::test_wire::{len_field, varint_field as unknown_varint};
 use crate::strict_codec::StrictDecodeError;
 use crate::testing::{Behavior, HybridVsockProxy};
 use crate::v1::*;
 use crate::{AGENT_VSOCK_PORT, API_VERSION, SERVICE_NAME};
 
 // ---- wire helpers -------------------------------------------------------------
-
-fn varint_bytes(mut v: u64) -> Vec<u8> {
-    let mut out = Vec::new();
-    loop {
-        let byte = (v & 0x7f) as u8;
-        v >>= 7;
-        if v == 0 {
-            out.push(byte);
-            return out;
-        }
-        out.push(byte | 0x80);
-    }
-}
-
-/// Field `number` as a varint holding 1.
-fn unknown_varint(number: u32) -> Vec<u8> {
-    let mut out = varint_bytes(u64::from(number) << 3);
-    out.push(1);
-    out
-}
-
-/// Field `number` as a length-delimited value holding `body`.
-fn len_field(number: u32, body: &[u8]) -> Vec<u8> {
-    let mut out = varint_bytes(u64::from(number) << 3 | 2);
-    out.extend(varint_bytes(body.len() as u64));
-    out.extend_from_slice(body);
-    out
-}
 
 fn with_unknown<M: Message>(m: &M, number: u32) -> Vec<u8> {
     let mut out = m.encode_to_vec();

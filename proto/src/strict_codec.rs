@@ -364,6 +364,29 @@ impl<U: Message + Name + Default> Decoder for StrictDecoder<U> {
     }
 }
 
+/// Hand-made wire bytes for tests: fields this API does not define.
+#[cfg(test)]
+pub(crate) mod test_wire {
+    use prost::encoding::{encode_key, encode_varint, WireType};
+
+    /// `number` as a varint field holding 1.
+    pub(crate) fn varint_field(number: u32) -> Vec<u8> {
+        let mut out = Vec::new();
+        encode_key(number, WireType::Varint, &mut out);
+        encode_varint(1, &mut out);
+        out
+    }
+
+    /// `number` as a length-delimited field holding `body`.
+    pub(crate) fn len_field(number: u32, body: &[u8]) -> Vec<u8> {
+        let mut out = Vec::new();
+        encode_key(number, WireType::LengthDelimited, &mut out);
+        encode_varint(body.len() as u64, &mut out);
+        out.extend_from_slice(body);
+        out
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -372,33 +395,7 @@ mod tests {
         ReadStdoutResponse, SetupNetworkRequest, StatsContainerResponse, WriteStdinRequest,
     };
 
-    fn varint_bytes(mut v: u64) -> Vec<u8> {
-        let mut out = Vec::new();
-        loop {
-            let byte = (v & 0x7f) as u8;
-            v >>= 7;
-            if v == 0 {
-                out.push(byte);
-                return out;
-            }
-            out.push(byte | 0x80);
-        }
-    }
-
-    /// `number` as a varint field holding 1.
-    fn varint_field(number: u32) -> Vec<u8> {
-        let mut out = varint_bytes(u64::from(number) << 3);
-        out.push(1);
-        out
-    }
-
-    /// `number` as a length-delimited field holding `body`.
-    fn len_field(number: u32, body: &[u8]) -> Vec<u8> {
-        let mut out = varint_bytes(u64::from(number) << 3 | 2);
-        out.extend(varint_bytes(body.len() as u64));
-        out.extend_from_slice(body);
-        out
-    }
+    use super::test_wire::{len_field, varint_field};
 
     fn create() -> CreateContainerRequest {
         CreateContainerRequest {
