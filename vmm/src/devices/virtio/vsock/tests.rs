@@ -611,6 +611,32 @@ fn new_rejects_bad_cid_and_non_socket_path() {
     assert_eq!(u64::from_le_bytes(cfg), 3);
 }
 
+/// The device's event loop on its own thread, as the VMM runs it.
+struct EventLoop {
+    stop: Arc<AtomicBool>,
+    thread: thread::JoinHandle<()>,
+}
+
+impl EventLoop {
+    fn start(vsock: Arc<Mutex<Vsock>>) -> Self {
+        let mut em = EventManager::<Arc<Mutex<Vsock>>>::new().unwrap();
+        em.add_subscriber(vsock);
+        let stop = Arc::new(AtomicBool::new(false));
+        let stop2 = stop.clone();
+        let thread = thread::spawn(move || {
+            while !stop2.load(Ordering::SeqCst) {
+                em.run_with_timeout(10).unwrap();
+            }
+        });
+        EventLoop { stop, thread }
+    }
+
+    fn stop(self) {
+        self.stop.store(true, Ordering::SeqCst);
+        self.thread.join().unwrap();
+    }
+}
+
 /// The whole stack as the VMM wires it: MMIO registers, an event manager thread, notifications
 /// through the transport and interrupts through the irq eventfd.
 #[test]
@@ -620,16 +646,7 @@ fn event_manager_drives_device_through_mmio_transport() {
     let vsock = Arc::new(Mutex::new(Vsock::new(CID, uds.clone()).unwrap()));
     let mem = test_memory();
     let mut t = MmioTransport::new(mem.clone(), vsock.clone()).unwrap();
-
-    let mut em = EventManager::<Arc<Mutex<Vsock>>>::new().unwrap();
-    em.add_subscriber(vsock.clone());
-    let stop = Arc::new(AtomicBool::new(false));
-    let stop2 = stop.clone();
-    let loop_thread = thread::spawn(move || {
-        while !stop2.load(Ordering::SeqCst) {
-            em.run_with_timeout(10).unwrap();
-        }
-    });
+    let event_loop = EventLoop::start(vsock.clone());
 
     let w = |t: &mut MmioTransport, off: u64, v: u32| t.write(off, &v.to_le_bytes());
     let mut g = Guest::new(&mem);
@@ -696,8 +713,7 @@ fn event_manager_drives_device_through_mmio_transport() {
     assert_eq!(host.read(&mut [0u8; 4]).unwrap(), 0);
     assert!(!vsock.lock().unwrap().is_active());
 
-    stop.store(true, Ordering::SeqCst);
-    loop_thread.join().unwrap();
+    event_loop.stop();
 }
 
 /// Drives the transport through feature negotiation and queue setup to `DRIVER_OK`.
@@ -747,15 +763,7 @@ fn broken_ring_sets_needs_reset_through_the_transport_until_reset() {
     let vsock = Arc::new(Mutex::new(Vsock::new(CID, uds.clone()).unwrap()));
     let mem = test_memory();
     let mut t = MmioTransport::new(mem.clone(), vsock.clone()).unwrap();
-    let mut em = EventManager::<Arc<Mutex<Vsock>>>::new().unwrap();
-    em.add_subscriber(vsock.clone());
-    let stop = Arc::new(AtomicBool::new(false));
-    let stop2 = stop.clone();
-    let loop_thread = thread::spawn(move || {
-        while !stop2.load(Ordering::SeqCst) {
-            em.run_with_timeout(10).unwrap();
-        }
-    });
+    let event_loop = EventLoop::start(vsock.clone());
     let w = |t: &mut MmioTransport, off: u64, v: u32| t.write(off, &v.to_le_bytes());
 
     let mut g = Guest::new(&mem);
@@ -824,8 +832,7 @@ fn broken_ring_sets_needs_reset_through_the_transport_until_reset() {
     assert_eq!(rst.unwrap().0.op, OP_RST);
     assert_eq!(mmio_read(&mut t, 0x70) & DEVICE_NEEDS_RESET, 0);
 
-    stop.store(true, Ordering::SeqCst);
-    loop_thread.join().unwrap();
+    event_loop.stop();
 }
 
 /// A head index beyond the rx queue also breaks the device, directly at the device level.
