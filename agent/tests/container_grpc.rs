@@ -21,6 +21,48 @@ impl Drop for KillOnDrop {
     }
 }
 
+/// The real agent binary serving on a Unix socket behind a fake VMM's hybrid vsock socket, and a
+/// client connected through it; all of it torn down on drop.
+struct AgentUnderTest {
+    client: AgentClient,
+    _agent: KillOnDrop,
+    _proxy: HybridVsockProxy,
+    _dir: tempfile::TempDir,
+}
+
+impl AgentUnderTest {
+    async fn start(opts: ClientOptions) -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        let agent_sock = dir.path().join("agent.sock");
+        let vmm_sock = dir.path().join("vmm.sock");
+        let proxy = HybridVsockProxy::start(&vmm_sock, Behavior::Pipe(agent_sock.clone()))
+            .await
+            .unwrap();
+        let agent = KillOnDrop(
+            Command::new(env!("CARGO_BIN_EXE_husk-agent"))
+                .arg("--listen-unix")
+                .arg(&agent_sock)
+                .stdin(Stdio::null())
+                .spawn()
+                .unwrap(),
+        );
+        let client = AgentClient::connect_with_retry(
+            &vmm_sock,
+            AGENT_VSOCK_PORT,
+            opts,
+            Instant::now() + Duration::from_secs(20),
+        )
+        .await
+        .unwrap();
+        AgentUnderTest {
+            client,
+            _agent: agent,
+            _proxy: proxy,
+            _dir: dir,
+        }
+    }
+}
+
 fn code(e: &ClientError) -> Option<tonic::Code> {
     match e {
         ClientError::Rpc { code, .. } => Some(*code),
@@ -31,28 +73,8 @@ fn code(e: &ClientError) -> Option<tonic::Code> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn create_start_wait_stdout_over_grpc() {
     let root = common::busybox_rootfs();
-    let dir = tempfile::tempdir().unwrap();
-    let agent_sock = dir.path().join("agent.sock");
-    let vmm_sock = dir.path().join("vmm.sock");
-    let _proxy = HybridVsockProxy::start(&vmm_sock, Behavior::Pipe(agent_sock.clone()))
-        .await
-        .unwrap();
-    let _agent = KillOnDrop(
-        Command::new(env!("CARGO_BIN_EXE_husk-agent"))
-            .arg("--listen-unix")
-            .arg(&agent_sock)
-            .stdin(Stdio::null())
-            .spawn()
-            .unwrap(),
-    );
-    let c = AgentClient::connect_with_retry(
-        &vmm_sock,
-        AGENT_VSOCK_PORT,
-        ClientOptions::default(),
-        Instant::now() + Duration::from_secs(20),
-    )
-    .await
-    .unwrap();
+    let agent = AgentUnderTest::start(ClientOptions::default()).await;
+    let c = &agent.client;
     let rootfs = root.path().to_str().unwrap().to_string();
 
     // create -> read stdout/stderr -> start -> wait
@@ -185,33 +207,13 @@ async fn create_start_wait_stdout_over_grpc() {
 async fn pending_stdin_writes_do_not_stall_the_agent() {
     const STALLED: usize = 20;
     let root = common::busybox_rootfs();
-    let dir = tempfile::tempdir().unwrap();
-    let agent_sock = dir.path().join("agent.sock");
-    let vmm_sock = dir.path().join("vmm.sock");
-    let _proxy = HybridVsockProxy::start(&vmm_sock, Behavior::Pipe(agent_sock.clone()))
-        .await
-        .unwrap();
-    let _agent = KillOnDrop(
-        Command::new(env!("CARGO_BIN_EXE_husk-agent"))
-            .arg("--listen-unix")
-            .arg(&agent_sock)
-            .stdin(Stdio::null())
-            .spawn()
-            .unwrap(),
-    );
     // Long enough for the pending writes to outlive the rest of the test.
     let opts = ClientOptions {
         request_timeout: Duration::from_secs(120),
         ..ClientOptions::default()
     };
-    let c = AgentClient::connect_with_retry(
-        &vmm_sock,
-        AGENT_VSOCK_PORT,
-        opts,
-        Instant::now() + Duration::from_secs(20),
-    )
-    .await
-    .unwrap();
+    let agent = AgentUnderTest::start(opts).await;
+    let c = &agent.client;
     let rootfs = root.path().to_str().unwrap().to_string();
     let create = |id: &str, script: &str, stdin: bool| CreateContainer {
         container_id: id.into(),
