@@ -61,7 +61,10 @@ fn state_pause_resume_stats_and_graceful_stop() {
         .unwrap_or_else(|| panic!("no vsock device: {st}"));
     assert_eq!(vsock["active"], true);
     for d in devices {
-        assert_eq!(d["needs_reset"], false, "a healthy guest broke no ring: {st}");
+        assert_eq!(
+            d["needs_reset"], false,
+            "a healthy guest broke no ring: {st}"
+        );
     }
     assert!(
         vsock["connections"].as_u64().unwrap() >= 1,
