@@ -46,7 +46,7 @@ agent:
 # read-only root on virtio-blk that pods boot from (docs/guest-image.md), and initrd.img, the
 # alternative. Both are rebuilt every time (well under a second; reproducible bytes).
 guest: agent build
-	guest-kernel/build.sh guest build/guest guest-kernel/microvm.config
+	guest-kernel/build.sh guest build/guest guest-kernel/microvm.config guest-kernel/pod.config
 	strip -o build/guest/husk-agent $(AGENT)  # symbols would double the guest image
 	$(ROOTFS_BUILDER) erofs --init build/guest/husk-agent --out build/guest/rootfs.erofs
 	$(ROOTFS_BUILDER) initrd --init build/guest/husk-agent --out build/guest/initrd.img

@@ -379,6 +379,11 @@ impl VmProcess {
         rss_kib(self.child.id())
     }
 
+    /// The VMM's exit status if it has exited already (for failure reports).
+    pub fn exited(&mut self) -> Option<ExitStatus> {
+        self.child.try_wait().ok().flatten()
+    }
+
     pub fn kill(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();

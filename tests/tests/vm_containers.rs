@@ -267,7 +267,11 @@ async fn scenarios(c: AgentClient) {
             "sh",
             "-c",
             "echo out; echo err >&2; echo \"foo=$FOO\"; pwd; id -u; id -g; id -G; hostname; \
-             ulimit -n; wc -c < /proc/keys; grep CapEff /proc/self/status; \
+             ulimit -n; wc -c < /proc/keys; stat -c %F:%t:%T /proc/kcore; \
+             while read -r dev dir fs opts rest; do \
+               case $dir in /dev/mqueue|/sys) echo \"$dir $fs ${opts%%,*}\";; esac; \
+             done < /proc/self/mounts; \
+             grep CapEff /proc/self/status; \
              cat /proc/self/cgroup; exit 3",
         ],
     );
@@ -284,7 +288,7 @@ async fn scenarios(c: AgentClient) {
     assert_eq!(r.stderr, "err\n", "{r:?}");
     let lines: Vec<&str> = r.stdout.lines().collect();
     assert_eq!(
-        lines[..9],
+        lines[..12],
         [
             "out",
             "foo=bar",
@@ -294,14 +298,20 @@ async fn scenarios(c: AgentClient) {
             "1000 50",
             "basic-host",
             "1024",
-            "0" // /proc/keys is masked (/proc/kcore, also masked, is not in this guest kernel)
+            "0", // /proc/keys is masked
+            // /proc/kcore (the guest kernel has it: guest-kernel/pod.config) is masked by
+            // bind-mounting /dev/null (character device 1:3) over it.
+            "character special file:1:3",
+            // The spec's mqueue and (read-only) sysfs mounts, in the spec's order.
+            "/dev/mqueue mqueue rw",
+            "/sys sysfs ro",
         ],
         "{r:?}"
     );
     // Without ambient capabilities a non-root process loses them at execve (as under runc).
-    assert_eq!(lines[9], "CapEff:\t0000000000000000", "{r:?}");
+    assert_eq!(lines[12], "CapEff:\t0000000000000000", "{r:?}");
     // containerd's spec has no cgroup namespace: the guest's cgroup path shows.
-    assert_eq!(lines[10], "0::/default/basic", "{r:?}");
+    assert_eq!(lines[13], "0::/default/basic", "{r:?}");
     pod.remove("basic").await;
 
     // 2. Stdin piped through, closed -> EOF.
@@ -742,9 +752,11 @@ fn containers_run_in_the_guest_through_the_agent_api() {
         })
     }));
     if let Err(p) = result {
+        let exited = vm.exited();
         vm.kill();
         eprintln!(
-            "--- guest console:\n{}\n--- husk-vmm stderr:\n{}\n--- virtiofsd:\n{}",
+            "--- husk-vmm: {}\n--- guest console:\n{}\n--- husk-vmm stderr:\n{}\n--- virtiofsd:\n{}",
+            exited.map_or("still running when the test failed".into(), |s| format!("exited: {s}")),
             vm.console(),
             vm.stderr(),
             vfsd.log()

@@ -149,7 +149,16 @@ fn vmm_survives_the_daemon_dying() {
             .and_then(|d| d.iter().find(|d| d["type"] == "fs").cloned())
             .unwrap_or_else(|| panic!("no fs device in the control socket's stats: {st}"))
     };
-    let before = fs_stats(&vm);
+    // Linux sends FUSE_INIT in the background: `mount` can return before the daemon's reply,
+    // and with it the first forwarded interrupt, arrives.
+    let deadline = std::time::Instant::now() + Duration::from_secs(3);
+    let before = loop {
+        let now = fs_stats(&vm);
+        if now["interrupts"].as_u64().unwrap() > 0 || std::time::Instant::now() >= deadline {
+            break now;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    };
     assert_eq!(
         (&before["tag"], &before["active"], &before["daemon_alive"]),
         (&"husk-share".into(), &true.into(), &true.into()),
@@ -157,7 +166,7 @@ fn vmm_survives_the_daemon_dying() {
     );
     assert!(
         before["interrupts"].as_u64().unwrap() > 0,
-        "mounting the share used the queues: {before}"
+        "the daemon's FUSE_INIT reply reached the guest through the VMM: {before}"
     );
     d.child.kill().unwrap();
     d.child.wait().unwrap();
