@@ -157,6 +157,37 @@ pub fn enable_notification(
         })
 }
 
+/// Passes in a row that may pop nothing while the ring claims more, before it counts as broken.
+pub const MAX_EMPTY_PASSES: u32 = 16;
+
+/// Ends a drain pass of queue `index`: re-enables notifications and tells whether to drain again.
+/// A chain the driver queued between the pass's last pop and the re-enable would otherwise wait
+/// for a notification that never comes, so "more" means another pass, also after a pass that
+/// popped nothing: the driver may have queued it just after our last (empty) pop. A driver whose
+/// ring keeps claiming more while nothing can be popped (an index flipping back and forth) gets
+/// [`MAX_EMPTY_PASSES`] passes, then its ring counts as broken, so it cannot spin the event loop.
+pub fn rearm(
+    queue: &mut Queue,
+    mem: &GuestMemory,
+    index: usize,
+    popped: bool,
+    empty_passes: &mut u32,
+) -> Result<bool, RingError> {
+    if popped {
+        *empty_passes = 0;
+    }
+    if !enable_notification(queue, mem, index)? {
+        return Ok(false);
+    }
+    if !popped {
+        *empty_passes += 1;
+        if *empty_passes > MAX_EMPTY_PASSES {
+            return Err(RingError::Stuck { queue: index });
+        }
+    }
+    Ok(true)
+}
+
 /// Tells the driver it need not notify us (we are draining the ring anyway).
 pub fn disable_notification(
     queue: &mut Queue,
@@ -323,6 +354,34 @@ mod tests {
             warn_limited!(l, i, "test problem");
         }
         assert_eq!(l.count(), 100);
+    }
+
+    #[test]
+    fn rearm_drains_again_after_a_race_and_gives_up_on_a_flipping_index() {
+        let mem = test_memory();
+        let mut g = GuestQueue::new(&mem, GuestAddress(0x1000), 16);
+        let mut q = g.device_queue();
+        let mut empty = 0;
+        // Empty ring: done.
+        assert!(pop(&mut q, &mem, 0).unwrap().is_none());
+        assert!(!rearm(&mut q, &mem, 0, false, &mut empty).unwrap());
+        // The driver queues a chain right after our last (empty) pop: drain again, and the
+        // next pop finds it. Not a broken ring.
+        assert!(pop(&mut q, &mem, 0).unwrap().is_none());
+        let head = g.add_chain(&[(0x8000, 16, false)]);
+        assert!(rearm(&mut q, &mem, 0, false, &mut empty).unwrap());
+        assert_eq!(pop(&mut q, &mem, 0).unwrap().unwrap().head_index(), head);
+        assert!(!rearm(&mut q, &mem, 0, true, &mut empty).unwrap());
+        assert_eq!(empty, 0, "a pass that popped resets the count");
+        // A ring that keeps claiming more while nothing is popped: bounded, then broken.
+        g.add_chain(&[(0x8000, 16, false)]);
+        for _ in 0..MAX_EMPTY_PASSES {
+            assert!(rearm(&mut q, &mem, 0, false, &mut empty).unwrap());
+        }
+        assert!(matches!(
+            rearm(&mut q, &mem, 0, false, &mut empty),
+            Err(RingError::Stuck { queue: 0 })
+        ));
     }
 
     #[test]

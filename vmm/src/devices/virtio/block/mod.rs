@@ -300,6 +300,7 @@ fn drain_queue(
 ) -> Result<(), RingError> {
     let q = REQUEST_QUEUE;
     let mut budget = REQUESTS_PER_WAKEUP;
+    let mut empty_passes = 0;
     loop {
         health::disable_notification(&mut a.queue, &a.mem, q)?;
         let pass_start = a.queue.next_avail();
@@ -321,14 +322,9 @@ fn drain_queue(
             }
             return Ok(());
         }
-        // Re-enable, then look once more: a request queued between the last pop and the
-        // re-enable would otherwise wait for a notification that never comes. "More" after a
-        // pass that popped nothing cannot be a race (the next pop would have succeeded): the
-        // ring is broken, and spinning on it would hang the event loop.
-        match health::enable_notification(&mut a.queue, &a.mem, q)? {
-            true if a.queue.next_avail() != pass_start => continue,
-            true => return Err(RingError::Stuck { queue: q }),
-            false => return Ok(()),
+        let popped = a.queue.next_avail() != pass_start;
+        if !health::rearm(&mut a.queue, &a.mem, q, popped, &mut empty_passes)? {
+            return Ok(());
         }
     }
 }

@@ -655,6 +655,7 @@ fn drain_tx(
     used: &mut bool,
 ) -> Result<(), RingError> {
     let mut budget = TX_BATCH;
+    let mut empty_passes = 0;
     tx.blocked = false;
     loop {
         // No notifications while we drain: frames queued meanwhile are found by the re-check
@@ -698,13 +699,9 @@ fn drain_tx(
             }
             return Ok(());
         }
-        // Re-enable, then look once more: a frame queued between the last pop and the re-enable
-        // would otherwise wait for a notification that never comes. "More" after a pass that
-        // popped nothing is a broken ring, not a race: the device needs a reset.
-        match health::enable_notification(&mut a.queues[TXQ], &a.mem, TXQ)? {
-            true if a.queues[TXQ].next_avail() != pass_start => continue,
-            true => return Err(RingError::Stuck { queue: TXQ }),
-            false => return Ok(()),
+        let popped = a.queues[TXQ].next_avail() != pass_start;
+        if !health::rearm(&mut a.queues[TXQ], &a.mem, TXQ, popped, &mut empty_passes)? {
+            return Ok(());
         }
     }
 }
