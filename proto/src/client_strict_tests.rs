@@ -23,7 +23,7 @@ use tonic::{Code, Request, Response, Status};
 
 use super::e2e_tests::{fast_opts, setup, TestAgent};
 use super::{AgentClient, ClientError, HybridConnector};
-use crate::strict_codec::test_wire::{len_field, varint_field as unknown_varint};
+use crate::strict_codec::test_wire::{interface, len_field, varint_field as unknown_varint};
 use crate::strict_codec::StrictDecodeError;
 use crate::testing::{Behavior, HybridVsockProxy};
 use crate::v1::*;
@@ -114,16 +114,6 @@ fn create_request() -> CreateContainerRequest {
         rootfs_path: "/run/husk/c1/rootfs".into(),
         stdin: false,
         terminal: false,
-    }
-}
-
-fn interface(mac: &str) -> NetworkInterface {
-    NetworkInterface {
-        mac: mac.into(),
-        name: "eth0".into(),
-        mtu: 1500,
-        addresses: vec!["10.0.0.2/24".into()],
-        up: true,
     }
 }
 

@@ -364,10 +364,24 @@ impl<U: Message + Name + Default> Decoder for StrictDecoder<U> {
     }
 }
 
-/// Hand-made wire bytes for tests: fields this API does not define.
+/// Hand-made wire bytes for tests: fields this API does not define, and a valid message to put
+/// them in.
 #[cfg(test)]
 pub(crate) mod test_wire {
     use prost::encoding::{encode_key, encode_varint, WireType};
+
+    use crate::v1::NetworkInterface;
+
+    /// A valid interface (SetupNetwork, stats) with `mac`.
+    pub(crate) fn interface(mac: &str) -> NetworkInterface {
+        NetworkInterface {
+            mac: mac.into(),
+            name: "eth0".into(),
+            mtu: 1500,
+            addresses: vec!["10.0.0.2/24".into()],
+            up: true,
+        }
+    }
 
     /// `number` as a varint field holding 1.
     pub(crate) fn varint_field(number: u32) -> Vec<u8> {
@@ -391,11 +405,11 @@ pub(crate) mod test_wire {
 mod tests {
     use super::*;
     use crate::v1::{
-        ContainerMemoryStats, CreateContainerRequest, NetworkInterface, PingResponse,
-        ReadStdoutResponse, SetupNetworkRequest, StatsContainerResponse, WriteStdinRequest,
+        ContainerMemoryStats, CreateContainerRequest, PingResponse, ReadStdoutResponse,
+        SetupNetworkRequest, StatsContainerResponse, WriteStdinRequest,
     };
 
-    use super::test_wire::{len_field, varint_field};
+    use super::test_wire::{interface, len_field, varint_field};
 
     fn create() -> CreateContainerRequest {
         CreateContainerRequest {
@@ -404,16 +418,6 @@ mod tests {
             rootfs_path: "/run/husk/c1/rootfs".into(),
             stdin: true,
             terminal: false,
-        }
-    }
-
-    fn interface(mac: &str) -> NetworkInterface {
-        NetworkInterface {
-            mac: mac.into(),
-            name: "eth0".into(),
-            mtu: 1500,
-            addresses: vec!["10.0.0.2/24".into()],
-            up: true,
         }
     }
 
