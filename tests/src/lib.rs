@@ -380,6 +380,40 @@ impl VmProcess {
     }
 
     /// The VMM's exit status if it has exited already (for failure reports).
+    /// Where each thread of the running husk-vmm is: name, scheduler state, wait channel and
+    /// kernel stack (root only). Tells a vCPU blocked in the VMM (a futex) from one stuck inside
+    /// KVM_RUN when a guest stops answering.
+    pub fn thread_dump(&self) -> String {
+        let pid = self.child.id();
+        let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
+            return format!("no /proc/{pid}/task (exited)\n");
+        };
+        let mut tids: Vec<u32> = tasks
+            .filter_map(|e| e.ok()?.file_name().to_str()?.parse().ok())
+            .collect();
+        tids.sort_unstable();
+        let mut out = String::new();
+        for tid in tids {
+            let dir = format!("/proc/{pid}/task/{tid}");
+            let read = |f: &str| std::fs::read_to_string(format!("{dir}/{f}")).unwrap_or_default();
+            let stat = read("stat");
+            // Field 3, after the parenthesised name (which may contain spaces).
+            let state = stat
+                .rsplit_once(')')
+                .and_then(|(_, rest)| rest.split_whitespace().next())
+                .unwrap_or("?");
+            out.push_str(&format!(
+                "{tid} {} state={state} wchan={}\n",
+                read("comm").trim(),
+                read("wchan").trim()
+            ));
+            for line in read("stack").lines().take(12) {
+                out.push_str(&format!("    {line}\n"));
+            }
+        }
+        out
+    }
+
     pub fn exited(&mut self) -> Option<ExitStatus> {
         self.child.try_wait().ok().flatten()
     }

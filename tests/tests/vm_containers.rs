@@ -753,9 +753,10 @@ fn containers_run_in_the_guest_through_the_agent_api() {
     }));
     if let Err(p) = result {
         let exited = vm.exited();
+        let threads = vm.thread_dump();
         vm.kill();
         eprintln!(
-            "--- husk-vmm: {}\n--- guest console:\n{}\n--- husk-vmm stderr:\n{}\n--- virtiofsd:\n{}",
+            "--- husk-vmm: {}\n--- husk-vmm threads:\n{threads}--- guest console:\n{}\n--- husk-vmm stderr:\n{}\n--- virtiofsd:\n{}",
             exited.map_or("still running when the test failed".into(), |s| format!("exited: {s}")),
             vm.console(),
             vm.stderr(),

@@ -6,8 +6,12 @@ use vmm_sys_util::eventfd::EventFd;
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum VmExit {
-    /// The guest rebooted (i8042 reset, triple fault, PSCI-style reset): Husk ends the VM.
+    /// The guest rebooted (i8042 reset, KVM reset event, or Linux's deliberate `reboot=t`
+    /// triple fault): Husk ends the VM.
     GuestReset,
+    /// A vCPU triple-faulted while the guest had a working IDT: the guest kernel crashed
+    /// without a panic message. `state` is the register snapshot taken at the exit.
+    TripleFault { vcpu: u8, state: String },
     /// The guest powered off.
     GuestShutdown,
     /// The guest reported a crash (KVM_SYSTEM_EVENT_CRASH).
@@ -26,7 +30,7 @@ impl VmExit {
         match self {
             VmExit::GuestReset | VmExit::GuestShutdown | VmExit::Stopped => 0,
             VmExit::Error(_) => 1,
-            VmExit::GuestCrash => 3,
+            VmExit::GuestCrash | VmExit::TripleFault { .. } => 3,
             VmExit::Signal(n) => 128 + n,
         }
     }
@@ -38,6 +42,9 @@ impl std::fmt::Display for VmExit {
             VmExit::GuestReset => write!(f, "guest rebooted"),
             VmExit::GuestShutdown => write!(f, "guest powered off"),
             VmExit::GuestCrash => write!(f, "guest crashed"),
+            VmExit::TripleFault { vcpu, state } => {
+                write!(f, "guest triple-faulted on vCPU {vcpu} ({state})")
+            }
             VmExit::Signal(n) => write!(f, "stopped by signal {n}"),
             VmExit::Stopped => write!(f, "stopped through the control socket"),
             VmExit::Error(e) => write!(f, "error: {e}"),

@@ -120,8 +120,12 @@ fn main() -> ExitCode {
     };
     let exit = vm.run();
     tracing::info!("VM ended: {exit}");
-    if let husk_vmm::VmExit::Error(e) = &exit {
-        eprintln!("husk-vmm: {e}");
+    match &exit {
+        husk_vmm::VmExit::Error(e) => eprintln!("husk-vmm: {e}"),
+        husk_vmm::VmExit::GuestCrash | husk_vmm::VmExit::TripleFault { .. } => {
+            eprintln!("husk-vmm: {exit}")
+        }
+        _ => {}
     }
     ExitCode::from(exit.exit_code().clamp(0, 255) as u8)
 }

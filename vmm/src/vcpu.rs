@@ -145,10 +145,7 @@ impl Vcpu {
                     self.mmio.write(addr, data);
                 }
                 Ok(VcpuExit::Hlt) => {}
-                Ok(VcpuExit::Shutdown) => {
-                    // Triple fault, or `reboot=t`.
-                    return Some(VmExit::GuestReset);
-                }
+                Ok(VcpuExit::Shutdown) => return Some(self.triple_fault()),
                 Ok(VcpuExit::SystemEvent(kind, _)) => {
                     return Some(match kind {
                         SYSTEM_EVENT_SHUTDOWN => VmExit::GuestShutdown,
@@ -185,6 +182,43 @@ impl Vcpu {
             }
         }
         None
+    }
+}
+
+impl Vcpu {
+    /// KVM_EXIT_SHUTDOWN: a triple fault. Linux's `reboot=t` causes one on purpose after loading
+    /// an empty IDT; any other is a guest crash, reported with the registers that explain it.
+    fn triple_fault(&self) -> VmExit {
+        let (regs, sregs) = match (self.fd.get_regs(), self.fd.get_sregs()) {
+            (Ok(r), Ok(s)) => (r, s),
+            (Err(e), _) | (_, Err(e)) => {
+                return VmExit::TripleFault {
+                    vcpu: self.id,
+                    state: format!("registers unavailable: {e}"),
+                }
+            }
+        };
+        if sregs.idt.limit == 0 {
+            return VmExit::GuestReset;
+        }
+        VmExit::TripleFault {
+            vcpu: self.id,
+            state: format!(
+                "rip={:#x} rsp={:#x} rflags={:#x} cs={:#x} cr0={:#x} cr2={:#x} cr3={:#x} \
+                 cr4={:#x} efer={:#x} idt={:#x}/{:#x}",
+                regs.rip,
+                regs.rsp,
+                regs.rflags,
+                sregs.cs.selector,
+                sregs.cr0,
+                sregs.cr2,
+                sregs.cr3,
+                sregs.cr4,
+                sregs.efer,
+                sregs.idt.base,
+                sregs.idt.limit
+            ),
+        }
     }
 }
 

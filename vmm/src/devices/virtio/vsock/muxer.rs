@@ -16,7 +16,7 @@ use std::time::{Duration, Instant};
 
 use nix::errno::Errno;
 use nix::sys::socket::{self, AddressFamily, SockFlag, SockType, UnixAddr};
-use tracing::{debug, warn};
+use tracing::{debug, info, warn};
 use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
 use vmm_sys_util::timerfd::TimerFd;
 
@@ -132,6 +132,9 @@ pub struct Muxer {
     scratch: Vec<u8>,
     /// Failed guest connects (the guest picks the port, so it picks how often).
     connect_log: LogLimit,
+    /// Connections we reset because of an error (guest protocol violation, host stream I/O,
+    /// timeout): a host client sees its connection drop, so say why, but the guest can repeat it.
+    reset_log: LogLimit,
 }
 
 impl Muxer {
@@ -187,6 +190,7 @@ impl Muxer {
             pending_rst: VecDeque::new(),
             scratch: vec![0u8; MAX_PAYLOAD as usize],
             connect_log: LogLimit::default(),
+            reset_log: LogLimit::default(),
         })
     }
 
@@ -374,7 +378,7 @@ impl Muxer {
             Ok(()) if conn.finished() => self.kill(key),
             Ok(()) => self.schedule(key),
             Err(e) => {
-                debug!(?key, "vsock: host stream error: {e}");
+                warn_limited!(self.reset_log, ?key, "vsock: resetting connection: {e}");
                 self.kill(key);
             }
         }
@@ -400,6 +404,10 @@ impl Muxer {
         conn.update_peer_credit(&h);
         let res = match h.op {
             OP_RST => {
+                if !conn.peer_closing() && !conn.closing() {
+                    // Not the end of an orderly close: the guest side aborted the connection.
+                    info!(?key, "vsock: guest reset an open connection");
+                }
                 self.remove(key);
                 return;
             }
@@ -422,7 +430,7 @@ impl Muxer {
         };
         match res {
             Err(e) => {
-                debug!(?key, "vsock: resetting connection: {e}");
+                warn_limited!(self.reset_log, ?key, "vsock: resetting connection: {e}");
                 self.kill(key);
             }
             Ok(()) if conn.finished() => self.kill(key),
@@ -439,7 +447,7 @@ impl Muxer {
     /// Guest REQUEST to host port `key.local_port`: connect to `<uds_path>_<port>`.
     fn guest_connect(&mut self, key: ConnKey, req: &Header) {
         if self.conns.contains_key(&key) {
-            debug!(?key, "vsock: duplicate REQUEST, resetting");
+            warn_limited!(self.reset_log, ?key, "vsock: duplicate REQUEST, resetting");
             self.kill(key);
             return;
         }
@@ -502,7 +510,7 @@ impl Muxer {
                 }
                 RxOutcome::Nothing => {}
                 RxOutcome::Kill(e) => {
-                    debug!(?key, "vsock: resetting connection: {e}");
+                    warn_limited!(self.reset_log, ?key, "vsock: resetting connection: {e}");
                     self.kill(key);
                     return self.pending_rst.pop_front();
                 }
@@ -535,7 +543,11 @@ impl Muxer {
             .map(Connection::key)
             .collect();
         for key in expired {
-            debug!(?key, "vsock: connection timed out");
+            warn_limited!(
+                self.reset_log,
+                ?key,
+                "vsock: connection did not close in time, resetting"
+            );
             self.kill(key);
         }
         self.resume_listener();
