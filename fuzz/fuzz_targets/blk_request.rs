@@ -45,6 +45,8 @@ fuzz_target!(|data: &[u8]| {
     )
     .unwrap();
     dev.process_queue();
+    dev.settle();
     // A second pass finds nothing new.
     dev.process_queue();
+    dev.settle();
 });

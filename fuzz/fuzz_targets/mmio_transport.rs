@@ -77,7 +77,11 @@ impl Dev {
     /// activation and reset, through the devices' control eventfd).
     fn turn(&self) {
         match self {
-            Dev::Block(b) => b.lock().unwrap().process_queue(),
+            Dev::Block(b) => {
+                let mut b = b.lock().unwrap();
+                b.process_queue();
+                b.settle();
+            }
             Dev::Vsock(v) => {
                 let mut v = v.lock().unwrap();
                 v.process_tx();

@@ -1,9 +1,11 @@
 //! virtio-blk device (ID 2) backed by a raw image file (or a host block device).
 //!
-//! One request queue. Requests (IN, OUT, FLUSH, GET_ID) are executed synchronously on the event
-//! loop thread when the guest notifies the queue: simple and good enough for a sandbox's root and
-//! scratch disks, but a slow host disk stalls the other devices on that loop for the duration of
-//! one batch. Moving I/O to a worker thread or io_uring is the obvious next step.
+//! One request queue. When the guest notifies it, the event loop pops the chains, checks their
+//! layout (a malformed chain is returned at once) and hands each request to the disk's I/O
+//! threads ([`worker`]), which execute it (IN, OUT, FLUSH, GET_ID) and write its status; the event
+//! loop returns completions to the used ring as they arrive and interrupts the guest when it asked
+//! for it. A slow host disk therefore never stalls the event loop, and several requests are in
+//! flight on the host at once.
 //!
 //! Threading and event registration follow the vsock device: the transport calls
 //! [`VirtioDevice`] methods from vCPU threads, the event loop calls [`MutEventSubscriber`]
@@ -13,10 +15,13 @@
 mod request;
 #[cfg(test)]
 mod tests;
+mod worker;
 
 use std::fs::OpenOptions;
 use std::io::{self, Seek, SeekFrom};
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
 
 use event_manager::{EventOps, Events, MutEventSubscriber};
 use tracing::{debug, warn};
@@ -35,6 +40,8 @@ use super::{
 };
 use request::{Disk, Kind, Malformed, RequestChain};
 pub use request::{ID_LEN, MAX_DATA_LEN, SECTOR_SIZE};
+pub use worker::MAX_WORKERS;
+use worker::{Completion, IoPool, Job};
 
 /// Virtio device ID of block devices.
 pub const BLOCK_DEVICE_ID: u32 = 2;
@@ -47,6 +54,10 @@ const MAX_CHAIN_DESCS: usize = SEG_MAX as usize + 2;
 /// Requests executed per wakeup before the event loop serves the other devices: a guest that keeps
 /// the ring full cannot monopolize the loop. The rest is picked up after a self-notification.
 const REQUESTS_PER_WAKEUP: usize = QUEUE_SIZE as usize;
+/// Requests in flight on the I/O threads, at most. A driver cannot have more chains outstanding
+/// than its queue has entries; a hostile one that republishes heads still in flight is held here
+/// instead of growing the job queue.
+const MAX_IN_FLIGHT: usize = QUEUE_SIZE as usize;
 const QUEUE_SIZES: [u16; 1] = [QUEUE_SIZE];
 /// Bytes of `struct virtio_blk_config` we expose: capacity, size_max, seg_max, geometry,
 /// blk_size.
@@ -55,6 +66,12 @@ const CONFIG_LEN: usize = 24;
 // Event-manager data tags.
 const EV_CTL: u32 = 0;
 const EV_QUEUE: u32 = 1;
+const EV_DONE: u32 = 2;
+
+/// How long a reset waits for requests already running on the host. The spec wants the device
+/// quiet after a reset; a host file that does not answer for this long is reported instead of
+/// hanging the vCPU that reset the device (late completions are dropped, never returned).
+const RESET_IO_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// What the block device is backed by.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -114,9 +131,17 @@ pub struct BlockStats {
 /// State that exists only between activation and reset.
 struct Active {
     mem: GuestMemory,
+    /// The same memory, shared with the I/O threads.
+    shared_mem: Arc<GuestMemory>,
     queue: Queue,
     evt: EventFd,
     irq: IrqTrigger,
+    /// Tags this driver instance's requests (see [`Completion::epoch`]).
+    epoch: u64,
+    /// Requests handed to the I/O threads and not yet returned.
+    in_flight: usize,
+    /// Popping stopped at [`MAX_IN_FLIGHT`]; completions resume it.
+    throttled: bool,
 }
 
 impl AsRef<IrqTrigger> for Active {
@@ -137,7 +162,9 @@ struct Logs {
 
 pub struct Block {
     path: PathBuf,
-    disk: Disk,
+    io: IoPool,
+    /// Bumped on every activation.
+    epoch: u64,
     avail_features: u64,
     acked_features: u64,
     config: [u8; CONFIG_LEN],
@@ -201,14 +228,20 @@ impl Block {
         // size_max (8..12) and geometry (16..20) are not offered and stay 0.
         config[12..16].copy_from_slice(&SEG_MAX.to_le_bytes());
         config[20..24].copy_from_slice(&(SECTOR_SIZE as u32).to_le_bytes());
+        let io = IoPool::new(Disk {
+            file,
+            capacity,
+            read_only: cfg.read_only,
+            id,
+        })
+        .map_err(|source| BlockError::Sys {
+            what: "block I/O completion eventfd",
+            source,
+        })?;
         Ok(Self {
             path: cfg.path,
-            disk: Disk {
-                file,
-                capacity,
-                read_only: cfg.read_only,
-                id,
-            },
+            io,
+            epoch: 0,
             avail_features,
             acked_features: 0,
             config,
@@ -226,11 +259,16 @@ impl Block {
 
     /// Disk size in 512-byte sectors.
     pub fn capacity(&self) -> u64 {
-        self.disk.capacity
+        self.io.disk().capacity
     }
 
     pub fn is_read_only(&self) -> bool {
-        self.disk.read_only
+        self.io.disk().read_only
+    }
+
+    /// I/O threads started so far (at most [`MAX_WORKERS`]).
+    pub fn io_threads(&self) -> usize {
+        self.io.workers()
     }
 
     pub fn is_active(&self) -> bool {
@@ -246,21 +284,71 @@ impl Block {
         self.stats
     }
 
-    /// Executes the available requests (at most [`REQUESTS_PER_WAKEUP`]), then interrupts the
-    /// guest once (if it asked for it). A broken ring puts the device into `NEEDS_RESET`.
+    /// Takes the available requests (at most [`REQUESTS_PER_WAKEUP`]) and hands them to the I/O
+    /// threads; malformed chains are returned at once, with an interrupt if the guest asked for
+    /// one. A broken ring puts the device into `NEEDS_RESET`.
     pub fn process_queue(&mut self) {
-        let (disk, stats, logs) = (&self.disk, &mut self.stats, &mut self.logs);
+        let (io, stats, logs) = (&mut self.io, &mut self.stats, &mut self.logs);
         self.state.run("virtio-blk", |a| {
             let mut used = false;
-            let res = drain_queue(a, disk, stats, logs, &mut used);
-            // Completed requests are the driver's even if the ring broke afterwards.
-            if used && a.queue.needs_notification(&a.mem).unwrap_or(true) {
-                if let Err(e) = a.irq.trigger(VIRTIO_MMIO_INT_VRING) {
-                    warn!("virtio-blk: cannot signal used ring: {e}");
-                }
+            let res = drain_queue(a, io, stats, logs, &mut used);
+            // Returned chains are the driver's even if the ring broke afterwards.
+            if used {
+                notify_used(a);
             }
             res
         });
+    }
+
+    /// Returns the requests the I/O threads completed to the used ring, then interrupts the
+    /// guest once (if it asked for it).
+    pub fn complete_io(&mut self) {
+        let done = self.io.take_done();
+        if done.is_empty() {
+            return;
+        }
+        let (stats, logs) = (&mut self.stats, &mut self.logs);
+        self.state.run("virtio-blk", |a| {
+            let mut used = false;
+            let mut res = Ok(());
+            for c in done {
+                if c.epoch != a.epoch {
+                    // Completed after the reset that ended its driver instance.
+                    continue;
+                }
+                a.in_flight = a.in_flight.saturating_sub(1);
+                record(stats, logs, &c);
+                if let Err(e) =
+                    health::add_used(&mut a.queue, &a.mem, REQUEST_QUEUE, c.head, c.used_len)
+                {
+                    res = Err(e);
+                    break;
+                }
+                used = true;
+            }
+            if used {
+                notify_used(a);
+            }
+            res
+        });
+        if self
+            .state
+            .active()
+            .is_some_and(|a| a.throttled && a.in_flight < MAX_IN_FLIGHT)
+        {
+            self.process_queue();
+        }
+    }
+
+    /// Waits (up to 10 s) until the I/O threads finished everything handed to them, then
+    /// completes it: what the event loop does when their completion event fires. For tests and
+    /// fuzzing, which play the event loop themselves.
+    #[doc(hidden)]
+    pub fn settle(&mut self) {
+        if !self.io.wait_idle(Duration::from_secs(10)) {
+            warn!("virtio-blk: I/O threads still busy after 10 s");
+        }
+        self.complete_io();
     }
 
     /// Makes the event manager watch exactly what the current state needs.
@@ -285,15 +373,25 @@ impl Block {
     }
 }
 
-/// Drains the request queue within the per-wakeup budget; `used` tells whether any request was
-/// returned to the driver.
+/// Interrupts the guest for new used entries, if it asked for it (EVENT_IDX `used_event`, or no
+/// `VRING_AVAIL_F_NO_INTERRUPT`).
+fn notify_used(a: &mut Active) {
+    if a.queue.needs_notification(&a.mem).unwrap_or(true) {
+        if let Err(e) = a.irq.trigger(VIRTIO_MMIO_INT_VRING) {
+            warn!("virtio-blk: cannot signal used ring: {e}");
+        }
+    }
+}
+
+/// Drains the request queue within the per-wakeup budget; `used` tells whether any chain was
+/// returned to the driver here (malformed ones; the others complete through the I/O threads).
 ///
 /// While the ring is drained, driver notifications are suppressed (with EVENT_IDX the
 /// `avail_event` stays behind, otherwise `VRING_USED_F_NO_NOTIFY` is set): requests the guest
 /// queues meanwhile are picked up by the re-check below instead of each costing a VM exit.
 fn drain_queue(
     a: &mut Active,
-    disk: &Disk,
+    io: &mut IoPool,
     stats: &mut BlockStats,
     logs: &mut Logs,
     used: &mut bool,
@@ -301,18 +399,38 @@ fn drain_queue(
     let q = REQUEST_QUEUE;
     let mut budget = REQUESTS_PER_WAKEUP;
     let mut empty_passes = 0;
+    a.throttled = false;
     loop {
         health::disable_notification(&mut a.queue, &a.mem, q)?;
         let pass_start = a.queue.next_avail();
         while budget > 0 {
+            if a.in_flight >= MAX_IN_FLIGHT {
+                // Notifications stay off; the next completion calls us again.
+                a.throttled = true;
+                return Ok(());
+            }
             let Some(chain) = health::pop(&mut a.queue, &a.mem, q)? else {
                 break;
             };
             budget -= 1;
             let head = chain.head_index();
-            let len = handle_chain(disk, stats, logs, &a.mem, chain);
-            health::add_used(&mut a.queue, &a.mem, q, head, len)?;
-            *used = true;
+            match validate_chain(&a.mem, chain) {
+                Ok((chain, status)) => {
+                    a.in_flight += 1;
+                    io.submit(Job {
+                        epoch: a.epoch,
+                        head,
+                        chain,
+                        status,
+                        mem: a.shared_mem.clone(),
+                    });
+                }
+                Err(e) => {
+                    record_malformed(stats, logs, &e);
+                    health::add_used(&mut a.queue, &a.mem, q, head, 0)?;
+                    *used = true;
+                }
+            }
         }
         if budget == 0 {
             // Come back after the other devices had their turn; notifications stay off until
@@ -329,63 +447,49 @@ fn drain_queue(
     }
 }
 
-/// Validates and executes one chain; returns the used length.
-fn handle_chain<M>(
-    disk: &Disk,
-    stats: &mut BlockStats,
-    logs: &mut Logs,
+/// Checks a chain's layout: descriptors within memory and bounds, readable before writable, a
+/// status byte at the end. Returns the request and the address of its status byte.
+fn validate_chain<M>(
     mem: &GuestMemory,
     chain: virtio_queue::DescriptorChain<M>,
-) -> u32
+) -> Result<(RequestChain, vm_memory::GuestAddress), Malformed>
 where
     M: std::ops::Deref,
     M::Target: vm_memory::GuestMemory,
 {
-    let rc = match chain::walk(chain, mem, MAX_CHAIN_DESCS)
+    let rc = chain::walk(chain, mem, MAX_CHAIN_DESCS)
         .map_err(Malformed::from)
-        .and_then(|descs| RequestChain::new(&descs))
-    {
-        Ok(rc) => rc,
-        Err(e) => {
-            record_malformed(stats, logs, &e);
-            return 0;
-        }
-    };
-    let Some(status_addr) = rc.status_addr() else {
-        record_malformed(stats, logs, &Malformed::NoStatus);
-        return 0;
-    };
-    let (status, data_len) = match disk.execute(mem, &rc) {
-        Ok(done) => {
-            match done.kind {
-                Kind::Read => {
-                    stats.reads += 1;
-                    stats.read_bytes += done.bytes;
-                }
-                Kind::Write => {
-                    stats.writes += 1;
-                    stats.write_bytes += done.bytes;
-                }
-                Kind::Flush => stats.flushes += 1,
-                Kind::GetId => stats.get_ids += 1,
+        .and_then(|descs| RequestChain::new(&descs))?;
+    let status = rc.status_addr().ok_or(Malformed::NoStatus)?;
+    Ok((rc, status))
+}
+
+/// Counts a completed request and reports a failed one.
+fn record(stats: &mut BlockStats, logs: &mut Logs, c: &Completion) {
+    match &c.result {
+        Ok(done) => match done.kind {
+            Kind::Read => {
+                stats.reads += 1;
+                stats.read_bytes += done.bytes;
             }
-            (request::status_ok(), done.to_guest)
-        }
+            Kind::Write => {
+                stats.writes += 1;
+                stats.write_bytes += done.bytes;
+            }
+            Kind::Flush => stats.flushes += 1,
+            Kind::GetId => stats.get_ids += 1,
+        },
         Err(e) => {
             match e {
                 request::RequestError::Unsupported(_) => stats.unsupported += 1,
                 _ => stats.failed += 1,
             }
             warn_limited!(logs.failed, "virtio-blk: request failed: {e}");
-            (e.status(), 0)
         }
-    };
-    if !request::write_status(mem, status_addr, status) {
-        // Cannot happen for a validated chain (its memory was checked), but never trust it.
-        record_malformed(stats, logs, &Malformed::NoStatus);
-        return 0;
     }
-    data_len.saturating_add(1)
+    if c.used_len == 0 {
+        record_malformed(stats, logs, &Malformed::NoStatus);
+    }
 }
 
 fn record_malformed(stats: &mut BlockStats, logs: &mut Logs, e: &Malformed) {
@@ -442,17 +546,31 @@ impl VirtioDevice for Block {
         };
         queue.set_event_idx(self.acked_features & (1 << VIRTIO_RING_F_EVENT_IDX) != 0);
         self.ctl_evt.write(1).map_err(ActivateError::EventFd)?;
+        self.epoch += 1;
         self.state.activate(Active {
+            shared_mem: Arc::new(mem.clone()),
             mem,
             queue,
             evt,
             irq: interrupt,
+            epoch: self.epoch,
+            in_flight: 0,
+            throttled: false,
         });
         Ok(())
     }
 
     fn reset(&mut self) {
         self.state.reset();
+        // Requests not started are dropped; running ones finish before the driver may reuse
+        // their buffers. Their completions carry the old epoch and are never returned.
+        if !self.io.cancel(RESET_IO_TIMEOUT) {
+            warn!(
+                path = %self.path.display(),
+                "virtio-blk: host I/O still running {RESET_IO_TIMEOUT:?} after a reset"
+            );
+        }
+        drop(self.io.take_done());
         self.acked_features = 0;
         if let Err(e) = self.ctl_evt.write(1) {
             warn!("virtio-blk: cannot signal reset to the event loop: {e}");
@@ -469,6 +587,10 @@ impl MutEventSubscriber for Block {
         if let Err(e) = ops.add(Events::with_data(&self.ctl_evt, EV_CTL, EventSet::IN)) {
             warn!("virtio-blk: cannot register control eventfd: {e:?}");
         }
+        let done = self.io.done_event();
+        if let Err(e) = ops.add(Events::with_data(done, EV_DONE, EventSet::IN)) {
+            warn!("virtio-blk: cannot register I/O completion eventfd: {e:?}");
+        }
     }
 
     fn process(&mut self, events: Events, ops: &mut EventOps) {
@@ -483,6 +605,7 @@ impl MutEventSubscriber for Block {
                 }
                 self.process_queue();
             }
+            EV_DONE => self.complete_io(),
             other => debug!(data = other, "virtio-blk: event with unknown tag"),
         }
     }

@@ -110,6 +110,7 @@ impl Harness {
 
     fn complete(&mut self, head: u16) -> (u8, u32) {
         self.dev.process_queue();
+        self.dev.settle();
         let (id, len) = self.q.pop_used().expect("request was not completed");
         assert_eq!(id, u32::from(head));
         assert!(self.q.pop_used().is_none());
@@ -511,6 +512,7 @@ fn batch_is_interrupted_once_and_reset_stops_the_device() {
         ]);
     }
     h.dev.process_queue();
+    h.dev.settle();
     for _ in 0..8 {
         assert_eq!(h.q.pop_used().unwrap().1, 513);
     }
@@ -523,6 +525,7 @@ fn batch_is_interrupted_once_and_reset_stops_the_device() {
     h.header(VIRTIO_BLK_T_IN, 0);
     h.q.add_chain(&[(HDR, 16, false), (DATA, 512, true), (STATUS, 1, true)]);
     h.dev.process_queue();
+    h.dev.settle();
     assert!(h.q.pop_used().is_none());
 }
 
@@ -606,10 +609,82 @@ fn event_manager_drives_device_through_mmio_transport() {
         VIRTIO_MMIO_INT_VRING
     );
 
+    // A full queue of reads, each of its own sector, in one notification: the I/O threads run
+    // them side by side and the event loop returns every completion with the right data.
+    let (hdrs, statuses, bufs) = (0x20000u64, 0x21000u64, 0x30000u64);
+    let mut heads = Vec::new();
+    for i in 0..21u64 {
+        let mut hdr = [0u8; 16];
+        hdr[0..4].copy_from_slice(&VIRTIO_BLK_T_IN.to_le_bytes());
+        hdr[8..16].copy_from_slice(&(i % SECTORS).to_le_bytes());
+        mem.write_slice(&hdr, GuestAddress(hdrs + 16 * i)).unwrap();
+        heads.push(q.add_chain(&[
+            (hdrs + 16 * i, 16, false),
+            (bufs + 512 * i, 512, true),
+            (statuses + i, 1, true),
+        ]));
+    }
+    w(&mut t, 0x50, 0);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let mut done = Vec::new();
+    while done.len() < heads.len() {
+        match q.pop_used() {
+            Some(u) => done.push(u),
+            None => {
+                assert!(Instant::now() < deadline, "{} of 21 completed", done.len());
+                thread::sleep(Duration::from_millis(2));
+            }
+        }
+    }
+    done.sort_unstable();
+    let mut want: Vec<(u32, u32)> = heads.iter().map(|&h| (u32::from(h), 513)).collect();
+    want.sort_unstable();
+    assert_eq!(done, want);
+    for i in 0..21u64 {
+        let mut got = vec![0u8; 512];
+        mem.read_slice(&mut got, GuestAddress(bufs + 512 * i))
+            .unwrap();
+        assert_eq!(got, vec![(i % SECTORS) as u8; 512], "request {i}");
+        assert_eq!(mem.read_obj::<u8>(GuestAddress(statuses + i)).unwrap(), OK);
+    }
+    let threads = blk.lock().unwrap().io_threads();
+    assert!(
+        (1..=MAX_WORKERS).contains(&threads),
+        "{threads} I/O threads"
+    );
+    assert_eq!(blk.lock().unwrap().stats().reads, 21);
+
     w(&mut t, 0x70, 0);
     assert!(!blk.lock().unwrap().is_active());
     stop.store(true, Ordering::SeqCst);
     loop_thread.join().unwrap();
+}
+
+/// A reset ends the driver instance: requests it queued are dropped or finish before the reset
+/// returns, and none of them is ever returned on the next instance's ring.
+#[test]
+fn reset_never_returns_requests_of_the_old_driver() {
+    let mut h = Harness::new(false, None);
+    for s in 0..16 {
+        h.header(VIRTIO_BLK_T_IN, s % SECTORS);
+        h.q.add_chain(&[
+            (HDR, 16, false),
+            (DATA + 512 * s, 512, true),
+            (STATUS + s, 1, true),
+        ]);
+    }
+    h.dev.process_queue();
+    // No settle: whatever the threads are doing, the reset waits for them.
+    h.dev.reset();
+    reactivate(&mut h);
+    h.dev.settle();
+    assert!(
+        h.q.pop_used().is_none(),
+        "an old request reached the new ring"
+    );
+    h.dev.complete_io();
+    assert!(h.q.pop_used().is_none());
+    h.assert_still_works();
 }
 
 /// With EVENT_IDX the device tells the driver how far it has read (`avail_event`), so the driver
@@ -650,12 +725,14 @@ fn event_idx_batches_notifications_and_interrupts() {
     flush(&mut q, 0);
     flush(&mut q, 1);
     dev.process_queue();
+    dev.settle();
     assert_eq!(mem.read_obj::<u16>(avail_event).unwrap(), 2);
     assert_eq!(irq.status(), 0, "interrupted before used_event was crossed");
     assert!(q.pop_used().is_some() && q.pop_used().is_some());
 
     flush(&mut q, 2);
     dev.process_queue();
+    dev.settle();
     assert_eq!(mem.read_obj::<u16>(avail_event).unwrap(), 3);
     assert_eq!(irq.status() & VIRTIO_MMIO_INT_VRING, VIRTIO_MMIO_INT_VRING);
     assert_eq!(q.pop_used().map(|(_, len)| len), Some(1));
@@ -685,6 +762,7 @@ fn broken_available_index_does_not_spin() {
         }
     });
     h.dev.process_queue();
+    h.dev.settle();
     done.store(true, Ordering::SeqCst);
     watchdog.join().unwrap();
     assert!(h.q.pop_used().is_none());
@@ -726,6 +804,7 @@ fn broken_ring_needs_reset_until_the_driver_resets() {
         h.header(VIRTIO_BLK_T_IN, 0);
         break_ring(&mut h);
         h.dev.process_queue();
+        h.dev.settle();
         assert!(h.dev.needs_reset(), "{what}");
         assert!(!h.dev.is_active(), "{what}");
         assert_eq!(h.irq.status(), VIRTIO_MMIO_INT_CONFIG, "{what}");
@@ -744,6 +823,7 @@ fn broken_ring_needs_reset_until_the_driver_resets() {
         h.mem.write_obj(10u16, GuestAddress(avail + 4)).unwrap();
         for _ in 0..3 {
             h.dev.process_queue();
+            h.dev.settle();
         }
         assert_eq!(h.read_guest(STATUS, 1), [STATUS_POISON], "{what}");
         assert!(h.irq.event().read().is_err(), "{what}: interrupted again");
@@ -765,4 +845,36 @@ fn broken_ring_needs_reset_until_the_driver_resets() {
         h.assert_still_works();
         assert!(!h.dev.needs_reset(), "{what}");
     }
+}
+
+/// A hostile driver that republishes heads still in flight cannot grow the I/O queue: the device
+/// stops popping at `MAX_IN_FLIGHT` requests and resumes as they complete.
+#[test]
+fn republished_heads_are_throttled_not_queued() {
+    let mut h = Harness::new(false, None);
+    h.header(VIRTIO_BLK_T_IN, 3);
+    let head =
+        h.q.add_chain(&[(HDR, 16, false), (DATA, 512, true), (STATUS, 1, true)]);
+    // The same chain published 1 + 4 * 64 times, 64 (the queue size) per notification, without
+    // letting the device complete anything in between.
+    h.dev.process_queue();
+    for _ in 0..4 {
+        for _ in 0..64 {
+            h.q.publish(head);
+        }
+        h.dev.process_queue();
+    }
+    let count = |h: &mut Harness| std::iter::from_fn(|| h.q.pop_used()).count();
+    // Popping stopped at 256 in flight.
+    h.dev.settle();
+    assert_eq!(
+        count(&mut h),
+        MAX_IN_FLIGHT,
+        "completions of the first pass"
+    );
+    // Completing them resumed popping: the rest is in flight now.
+    h.dev.settle();
+    assert_eq!(count(&mut h), 1 + 4 * 64 - MAX_IN_FLIGHT);
+    assert_eq!(h.dev.stats().reads, 1 + 4 * 64);
+    h.assert_still_works();
 }
