@@ -380,34 +380,61 @@ impl VmProcess {
     }
 
     /// The VMM's exit status if it has exited already (for failure reports).
-    /// Where each thread of the running husk-vmm is: name, scheduler state, wait channel and
+    /// Where each thread of the running husk-vmm is: name, scheduler state, wait channel, system
+    /// call, CPU time spent over one second (user, system and guest mode, in clock ticks) and
     /// kernel stack (root only). Tells a vCPU blocked in the VMM (a futex) from one stuck inside
-    /// KVM_RUN when a guest stops answering.
+    /// KVM_RUN, and a guest spinning in guest mode from a host kernel loop, when a guest stops
+    /// answering.
     pub fn thread_dump(&self) -> String {
         let pid = self.child.id();
-        let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
-            return format!("no /proc/{pid}/task (exited)\n");
+        let tids = || -> Vec<u32> {
+            let mut t: Vec<u32> = std::fs::read_dir(format!("/proc/{pid}/task"))
+                .map(|d| {
+                    d.filter_map(|e| e.ok()?.file_name().to_str()?.parse().ok())
+                        .collect()
+                })
+                .unwrap_or_default();
+            t.sort_unstable();
+            t
         };
-        let mut tids: Vec<u32> = tasks
-            .filter_map(|e| e.ok()?.file_name().to_str()?.parse().ok())
-            .collect();
-        tids.sort_unstable();
-        let mut out = String::new();
-        for tid in tids {
-            let dir = format!("/proc/{pid}/task/{tid}");
-            let read = |f: &str| std::fs::read_to_string(format!("{dir}/{f}")).unwrap_or_default();
-            let stat = read("stat");
-            // Field 3, after the parenthesised name (which may contain spaces).
-            let state = stat
+        let read = |tid: u32, f: &str| {
+            std::fs::read_to_string(format!("/proc/{pid}/task/{tid}/{f}")).unwrap_or_default()
+        };
+        // Fields after the parenthesised name (which may contain spaces): state is the first,
+        // utime the 12th, stime the 13th, guest_time the 41st.
+        let stat = |tid: u32| -> Vec<String> {
+            read(tid, "stat")
                 .rsplit_once(')')
-                .and_then(|(_, rest)| rest.split_whitespace().next())
-                .unwrap_or("?");
+                .map(|(_, rest)| rest.split_whitespace().map(str::to_owned).collect())
+                .unwrap_or_default()
+        };
+        let times = |tid: u32| -> [u64; 3] {
+            let f = stat(tid);
+            let n = |i: usize| f.get(i).and_then(|v| v.parse().ok()).unwrap_or(0);
+            [n(11), n(12), n(40)]
+        };
+        let before: Vec<(u32, [u64; 3])> = tids().into_iter().map(|t| (t, times(t))).collect();
+        if before.is_empty() {
+            return format!("no /proc/{pid}/task (exited)\n");
+        }
+        std::thread::sleep(Duration::from_secs(1));
+        let mut out = String::new();
+        for (tid, t0) in before {
+            let t1 = times(tid);
+            let state = stat(tid).first().cloned().unwrap_or_else(|| "?".into());
             out.push_str(&format!(
-                "{tid} {} state={state} wchan={}\n",
-                read("comm").trim(),
-                read("wchan").trim()
+                "{tid} {} state={state} wchan={} syscall={} last 1 s: user={} sys={} guest={}\n",
+                read(tid, "comm").trim(),
+                read(tid, "wchan").trim(),
+                read(tid, "syscall")
+                    .split_whitespace()
+                    .next()
+                    .unwrap_or("?"),
+                t1[0].saturating_sub(t0[0]),
+                t1[1].saturating_sub(t0[1]),
+                t1[2].saturating_sub(t0[2]),
             ));
-            for line in read("stack").lines().take(12) {
+            for line in read(tid, "stack").lines().take(12) {
                 out.push_str(&format!("    {line}\n"));
             }
         }

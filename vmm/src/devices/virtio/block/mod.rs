@@ -7,10 +7,11 @@
 //! for it. A slow host disk therefore never stalls the event loop, and several requests are in
 //! flight on the host at once.
 //!
-//! Threading and event registration follow the vsock device: the transport calls
-//! [`VirtioDevice`] methods from vCPU threads, the event loop calls [`MutEventSubscriber`]
-//! methods, both through the same `Mutex<Block>`; activation and reset kick `ctl_evt` and the
-//! event loop (un)registers the queue eventfd.
+//! Threads: the transport calls [`VirtioDevice`] methods from vCPU threads, the event loop calls
+//! [`MutEventSubscriber`] methods, both through the same `Mutex<Block>`; activation and reset kick
+//! `ctl_evt` and the event loop (un)registers the queue eventfd. The I/O threads never take that
+//! mutex. A reset waits, under it, for the requests already running on the host (as QEMU drains
+//! a disk on reset): until they finish, the event loop of this VM waits too.
 
 mod request;
 #[cfg(test)]
@@ -51,13 +52,9 @@ pub const QUEUE_SIZE: u16 = 256;
 pub const SEG_MAX: u32 = QUEUE_SIZE as u32 - 2;
 /// Longest chain we accept: header + `SEG_MAX` data descriptors + status.
 const MAX_CHAIN_DESCS: usize = SEG_MAX as usize + 2;
-/// Requests executed per wakeup before the event loop serves the other devices: a guest that keeps
+/// Requests taken from the ring per wakeup before the event loop serves the other devices: a guest that keeps
 /// the ring full cannot monopolize the loop. The rest is picked up after a self-notification.
 const REQUESTS_PER_WAKEUP: usize = QUEUE_SIZE as usize;
-/// Requests in flight on the I/O threads, at most. A driver cannot have more chains outstanding
-/// than its queue has entries; a hostile one that republishes heads still in flight is held here
-/// instead of growing the job queue.
-const MAX_IN_FLIGHT: usize = QUEUE_SIZE as usize;
 const QUEUE_SIZES: [u16; 1] = [QUEUE_SIZE];
 /// Bytes of `struct virtio_blk_config` we expose: capacity, size_max, seg_max, geometry,
 /// blk_size.
@@ -70,7 +67,9 @@ const EV_DONE: u32 = 2;
 
 /// How long a reset waits for requests already running on the host. The spec wants the device
 /// quiet after a reset; a host file that does not answer for this long is reported instead of
-/// hanging the vCPU that reset the device (late completions are dropped, never returned).
+/// hanging the vCPU that reset the device (and this VM's event loop, which waits for the device
+/// lock). Past it, a late request may still write its data and status byte into guest memory
+/// the driver already reuses; its completion is dropped, never returned.
 const RESET_IO_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// What the block device is backed by.
@@ -140,8 +139,17 @@ struct Active {
     epoch: u64,
     /// Requests handed to the I/O threads and not yet returned.
     in_flight: usize,
-    /// Popping stopped at [`MAX_IN_FLIGHT`]; completions resume it.
+    /// Popping stopped at [`Active::max_in_flight`]; completions resume it.
     throttled: bool,
+}
+
+impl Active {
+    /// Requests in flight on the I/O threads, at most: the negotiated queue size. A driver
+    /// cannot have more chains outstanding than its queue has entries; a hostile one that
+    /// republishes heads still in flight is held here instead of growing the job queue.
+    fn max_in_flight(&self) -> usize {
+        usize::from(self.queue.size())
+    }
 }
 
 impl AsRef<IrqTrigger> for Active {
@@ -334,7 +342,7 @@ impl Block {
         if self
             .state
             .active()
-            .is_some_and(|a| a.throttled && a.in_flight < MAX_IN_FLIGHT)
+            .is_some_and(|a| a.throttled && a.in_flight < a.max_in_flight())
         {
             self.process_queue();
         }
@@ -373,7 +381,8 @@ impl Block {
     }
 }
 
-/// Interrupts the guest for new used entries, if it asked for it (EVENT_IDX `used_event`, or no
+/// Interrupts the guest for new used entries, if it asked for it: with EVENT_IDX when its
+/// `used_event` was crossed; without, always (virtio-queue does not read
 /// `VRING_AVAIL_F_NO_INTERRUPT`).
 fn notify_used(a: &mut Active) {
     if a.queue.needs_notification(&a.mem).unwrap_or(true) {
@@ -404,7 +413,7 @@ fn drain_queue(
         health::disable_notification(&mut a.queue, &a.mem, q)?;
         let pass_start = a.queue.next_avail();
         while budget > 0 {
-            if a.in_flight >= MAX_IN_FLIGHT {
+            if a.in_flight >= a.max_in_flight() {
                 // Notifications stay off; the next completion calls us again.
                 a.throttled = true;
                 return Ok(());
@@ -562,8 +571,8 @@ impl VirtioDevice for Block {
 
     fn reset(&mut self) {
         self.state.reset();
-        // Requests not started are dropped; running ones finish before the driver may reuse
-        // their buffers. Their completions carry the old epoch and are never returned.
+        // Requests not started are dropped; running ones finish (within RESET_IO_TIMEOUT) before
+        // the driver may reuse their buffers. Their completions are never returned.
         if !self.io.cancel(RESET_IO_TIMEOUT) {
             warn!(
                 path = %self.path.display(),

@@ -21,6 +21,7 @@ use tracing::warn;
 use vm_memory::GuestAddress;
 use vmm_sys_util::eventfd::EventFd;
 
+use super::super::health::{warn_limited, LogLimit};
 use super::super::GuestMemory;
 use super::request::{self, Disk, Done, RequestChain, RequestError};
 
@@ -60,6 +61,8 @@ struct State {
     idle: usize,
     done: Vec<Completion>,
     shutdown: bool,
+    /// Failed thread starts (one per request at worst).
+    spawn_log: LogLimit,
 }
 
 struct Shared {
@@ -129,7 +132,10 @@ impl IoPool {
                     st.workers += 1;
                 }
                 Err(e) if st.workers == 0 => {
-                    warn!("virtio-blk: cannot start an I/O thread, executing inline: {e}");
+                    warn_limited!(
+                        st.spawn_log,
+                        "virtio-blk: cannot start an I/O thread, executing inline: {e}"
+                    );
                     let jobs: Vec<Job> = st.queue.drain(..).collect();
                     drop(st);
                     let done: Vec<Completion> =
@@ -138,7 +144,10 @@ impl IoPool {
                     signal(&shared.done_evt);
                     return;
                 }
-                Err(e) => warn!("virtio-blk: cannot start another I/O thread: {e}"),
+                Err(e) => warn_limited!(
+                    st.spawn_log,
+                    "virtio-blk: cannot start another I/O thread: {e}"
+                ),
             }
         }
         drop(st);
@@ -179,12 +188,16 @@ impl IoPool {
 }
 
 impl Drop for IoPool {
+    /// Drops the queued jobs and stops the workers without waiting for them: a request stuck on
+    /// the host (a hung network file system) must not hang the VMM's exit. A worker still running
+    /// holds its own references to the disk and guest memory, and ends after its request.
     fn drop(&mut self) {
-        self.shared.lock().shutdown = true;
+        let mut st = self.shared.lock();
+        st.shutdown = true;
+        st.queue.clear();
+        drop(st);
         self.shared.work.notify_all();
-        for t in self.threads.drain(..) {
-            let _ = t.join();
-        }
+        self.threads.clear();
     }
 }
 
@@ -213,7 +226,17 @@ fn worker(shared: &Shared) {
                 st.idle -= 1;
             }
         };
-        let c = execute(&shared.disk, job);
+        let (epoch, head) = (job.epoch, job.head);
+        // A panic would leave `running` counted forever (a reset would then always time out):
+        // turn it into a failed request.
+        let c =
+            std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| execute(&shared.disk, job)))
+                .unwrap_or_else(|_| Completion {
+                    epoch,
+                    head,
+                    result: Err(RequestError::Io("the I/O thread panicked".into())),
+                    used_len: 0,
+                });
         let mut st = shared.lock();
         st.running -= 1;
         // One wake-up per batch: the event loop takes all completions at once.
