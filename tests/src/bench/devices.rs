@@ -29,8 +29,9 @@ const GUEST_MIB: u64 = 512;
 const DATA_IMAGE_MIB: usize = 256;
 const SHARE_BIG_MIB: usize = 64;
 const SHARE_FILES: usize = 1000;
-/// Upper bound for one benchmark VM (boot, fio, iperf3, fs probe) in the nested test host.
-const VM_TIMEOUT: Duration = Duration::from_secs(900);
+/// Upper bound for one benchmark VM (boot, fio, iperf3, fs probe) in the nested test host; a
+/// round takes 1–2 minutes per VM.
+const VM_TIMEOUT: Duration = Duration::from_secs(480);
 
 /// One boot of the benchmark image.
 #[derive(Debug, Clone, Copy)]
@@ -172,9 +173,10 @@ impl Setup {
         let lines = match vm.console_until("BENCH-DONE", VM_TIMEOUT) {
             Ok(l) => l,
             Err(e) => {
+                let threads = vm.thread_dump();
                 vm.kill();
                 bail!(
-                    "husk benchmark VM: {e}\nstderr: {}\nvirtiofsd: {}",
+                    "husk benchmark VM: {e}\nhusk-vmm threads:\n{threads}stderr: {}\nvirtiofsd: {}",
                     vm.stderr(),
                     daemon_log
                         .and_then(|l| std::fs::read_to_string(l).ok())
