@@ -538,9 +538,81 @@ pub fn in_nested_testhost() -> bool {
         .is_ok_and(|r| r.trim().ends_with("-husk-l1"))
 }
 
+/// The two ways a guest CPU dies under the nested test host's emulated SVM, seen with QEMU's
+/// guests as well as ours (a silent early exit of a QEMU guest, L1's own kernel oopsing in timer
+/// code): a triple fault with no panic message, or a vCPU that stops answering while its thread is
+/// inside KVM_RUN. Returns the evidence if `exit`/`stderr`/`console`/`threads` (see
+/// [`VmProcess::thread_dump`]) show one of them, and only inside the test host: on real
+/// hardware either would be a Husk bug.
+pub fn nested_cpu_fault(
+    exit: Option<ExitStatus>,
+    stderr: &str,
+    console: &str,
+    threads: &str,
+) -> Option<String> {
+    if !in_nested_testhost() {
+        return None;
+    }
+    cpu_fault_evidence(exit.and_then(|s| s.code()), stderr, console, threads)
+}
+
+fn cpu_fault_evidence(
+    exit_code: Option<i32>,
+    stderr: &str,
+    console: &str,
+    threads: &str,
+) -> Option<String> {
+    if exit_code == Some(3) {
+        if let Some(line) = stderr.lines().find(|l| l.contains("triple-faulted")) {
+            return Some(line.trim().to_string());
+        }
+    }
+    let stall = console
+        .lines()
+        .find(|l| l.contains("detected stalls on CPUs"))?;
+    let vcpus: Vec<&str> = threads.lines().filter(|l| l.contains(" vcpu")).collect();
+    // Every vCPU thread runnable, in no blocking system call ("running") or in ioctl(KVM_RUN)
+    // (16): the guest is stuck below the VMM, not waiting for it (a vCPU blocked on a VMM lock
+    // would sleep in futex, 202).
+    let in_kvm = |l: &&str| {
+        l.contains("state=R") && (l.contains("syscall=running ") || l.contains("syscall=16 "))
+    };
+    (!vcpus.is_empty() && vcpus.iter().all(in_kvm)).then(|| {
+        format!(
+            "guest: {}; vCPU threads: {}",
+            stall.trim(),
+            vcpus.join(" | ")
+        )
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The evidence as it appeared in the test host on 2026-12-04.
+    #[test]
+    fn guest_cpu_faults_are_told_from_vmm_failures() {
+        let stall =
+            "rcu: INFO: rcu_sched detected stalls on CPUs/tasks:\nrcu: \t1-...0: (37 ticks)";
+        let in_kvm = "197 husk-vmm state=S wchan=do_epoll_wait syscall=232 x\n\
+                      206 vcpu0 state=R wchan= syscall=running last 1 s: user=0 sys=1 guest=99\n\
+                      207 vcpu1 state=R wchan= syscall=running last 1 s: user=0 sys=0 guest=100\n";
+        assert!(cpu_fault_evidence(None, "", stall, in_kvm)
+            .is_some_and(|e| e.contains("detected stalls") && e.contains("vcpu1")));
+        // A vCPU asleep on a VMM lock is our bug, not the emulation's.
+        let blocked = in_kvm.replace(
+            "207 vcpu1 state=R wchan= syscall=running",
+            "207 vcpu1 state=S wchan=futex_wait_queue syscall=202",
+        );
+        assert_eq!(cpu_fault_evidence(None, "", stall, &blocked), None);
+        assert_eq!(cpu_fault_evidence(None, "", "", in_kvm), None);
+        let tf =
+            "husk-vmm: guest triple-faulted on vCPU 0 (registers reset by KVM before the exit)";
+        assert!(cpu_fault_evidence(Some(3), tf, "", "").is_some_and(|e| e.contains("vCPU 0")));
+        assert_eq!(cpu_fault_evidence(Some(1), tf, "", ""), None);
+        assert_eq!(cpu_fault_evidence(Some(0), "", "", ""), None);
+    }
 
     #[test]
     fn median_and_rss() {

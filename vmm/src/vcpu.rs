@@ -186,8 +186,11 @@ impl Vcpu {
 }
 
 impl Vcpu {
-    /// KVM_EXIT_SHUTDOWN: a triple fault. Linux's `reboot=t` causes one on purpose after loading
-    /// an empty IDT; any other is a guest crash, reported with the registers that explain it.
+    /// KVM_EXIT_SHUTDOWN: a triple fault. Husk guests reboot through the i8042 (`reboot=k`), so
+    /// a triple fault is a guest crash, reported with the registers that explain it. Two
+    /// exceptions: Linux's `reboot=t` loads an empty IDT first (on Intel the registers still show
+    /// it, and that is a reboot); on AMD, KVM reinitializes the vCPU before it reports the
+    /// shutdown, so the registers show the reset vector and say nothing about the crash.
     fn triple_fault(&self) -> VmExit {
         let (regs, sregs) = match (self.fd.get_regs(), self.fd.get_sregs()) {
             (Ok(r), Ok(s)) => (r, s),
@@ -201,9 +204,10 @@ impl Vcpu {
         if sregs.idt.limit == 0 {
             return VmExit::GuestReset;
         }
-        VmExit::TripleFault {
-            vcpu: self.id,
-            state: format!(
+        let state = if regs.rip == 0xfff0 && sregs.cs.selector == 0xf000 {
+            "registers reset by KVM before the exit".to_string()
+        } else {
+            format!(
                 "rip={:#x} rsp={:#x} rflags={:#x} cs={:#x} cr0={:#x} cr2={:#x} cr3={:#x} \
                  cr4={:#x} efer={:#x} idt={:#x}/{:#x}",
                 regs.rip,
@@ -217,7 +221,11 @@ impl Vcpu {
                 sregs.efer,
                 sregs.idt.base,
                 sregs.idt.limit
-            ),
+            )
+        };
+        VmExit::TripleFault {
+            vcpu: self.id,
+            state,
         }
     }
 }

@@ -10,6 +10,7 @@
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
+use std::sync::mpsc;
 use std::time::Duration;
 
 use anyhow::{bail, Context};
@@ -251,16 +252,24 @@ impl Setup {
                         break;
                     }
                 }
-                Err(_) => {
+                Err(e) => {
+                    // Disconnected: QEMU closed its console, i.e. exited (with -no-reboot, a
+                    // guest triple fault ends it silently with status 0).
+                    let how = match e {
+                        mpsc::RecvTimeoutError::Timeout => {
+                            format!("no BENCH-DONE in {VM_TIMEOUT:?}")
+                        }
+                        mpsc::RecvTimeoutError::Disconnected => "QEMU exited first".into(),
+                    };
                     let _ = child.kill();
-                    let _ = child.wait();
+                    let status = child.wait();
                     let mut err = String::new();
                     if let Some(mut e) = child.stderr.take() {
                         use std::io::Read;
                         let _ = e.read_to_string(&mut err);
                     }
                     bail!(
-                        "QEMU benchmark VM did not finish; console:\n{}\nstderr: {err}",
+                        "QEMU benchmark VM did not finish ({how}; {status:?}); console:\n{}\nstderr: {err}",
                         lines.join("\n")
                     );
                 }
