@@ -102,6 +102,19 @@ impl Harness {
         self.run(&bufs)
     }
 
+    /// Publishes `n` one-sector reads, each with its own data buffer and status byte, all sharing
+    /// the header (the last one written, sector `n - 1`, is what the device reads for every one).
+    fn queue_reads(&mut self, n: u64) {
+        for s in 0..n {
+            self.header(VIRTIO_BLK_T_IN, s % SECTORS);
+            self.q.add_chain(&[
+                (HDR, 16, false),
+                (DATA + 512 * s, 512, true),
+                (STATUS + s, 1, true),
+            ]);
+        }
+    }
+
     /// Publishes an arbitrary chain and runs the device; returns (status byte, used len).
     fn run(&mut self, bufs: &[(u64, u32, bool)]) -> (u8, u32) {
         let head = self.q.add_chain(bufs);
@@ -503,14 +516,7 @@ fn malformed_chains_are_consumed_without_status() {
 #[test]
 fn batch_is_interrupted_once_and_reset_stops_the_device() {
     let mut h = Harness::new(false, None);
-    for s in 0..8 {
-        h.header(VIRTIO_BLK_T_IN, s);
-        h.q.add_chain(&[
-            (HDR, 16, false),
-            (DATA + 512 * s, 512, true),
-            (STATUS + s, 1, true),
-        ]);
-    }
+    h.queue_reads(8);
     h.dev.process_queue();
     h.dev.settle();
     for _ in 0..8 {
@@ -665,14 +671,7 @@ fn event_manager_drives_device_through_mmio_transport() {
 #[test]
 fn reset_never_returns_requests_of_the_old_driver() {
     let mut h = Harness::new(false, None);
-    for s in 0..16 {
-        h.header(VIRTIO_BLK_T_IN, s % SECTORS);
-        h.q.add_chain(&[
-            (HDR, 16, false),
-            (DATA + 512 * s, 512, true),
-            (STATUS + s, 1, true),
-        ]);
-    }
+    h.queue_reads(16);
     h.dev.process_queue();
     // No settle: whatever the threads are doing, the reset waits for them.
     h.dev.reset();
