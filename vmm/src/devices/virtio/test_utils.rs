@@ -1,6 +1,11 @@
 //! Test helpers: guest memory and a driver-side split virtqueue that lets tests build arbitrary
 //! (including malformed) descriptor chains.
 
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::thread;
+
+use event_manager::{EventManager, MutEventSubscriber, SubscriberOps};
 use virtio_queue::{Queue, QueueT};
 use vm_memory::{Address, Bytes, GuestAddress};
 
@@ -118,5 +123,31 @@ impl GuestQueue {
         let len: u32 = self.mem.read_obj(e.unchecked_add(4)).unwrap();
         self.used_seen = self.used_seen.wrapping_add(1);
         Some((id, len))
+    }
+}
+
+/// A device's event loop on its own thread, as the VMM runs it.
+pub struct EventLoop {
+    stop: Arc<AtomicBool>,
+    thread: thread::JoinHandle<()>,
+}
+
+impl EventLoop {
+    pub fn start<T: MutEventSubscriber + Send + 'static>(dev: Arc<Mutex<T>>) -> Self {
+        let mut em = EventManager::<Arc<Mutex<T>>>::new().unwrap();
+        em.add_subscriber(dev);
+        let stop = Arc::new(AtomicBool::new(false));
+        let stop2 = stop.clone();
+        let thread = thread::spawn(move || {
+            while !stop2.load(Ordering::SeqCst) {
+                em.run_with_timeout(10).unwrap();
+            }
+        });
+        EventLoop { stop, thread }
+    }
+
+    pub fn stop(self) {
+        self.stop.store(true, Ordering::SeqCst);
+        self.thread.join().unwrap();
     }
 }

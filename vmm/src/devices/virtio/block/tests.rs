@@ -7,7 +7,6 @@ use std::sync::{Arc, Mutex};
 use std::thread;
 use std::time::{Duration, Instant};
 
-use event_manager::{EventManager, SubscriberOps};
 use virtio_bindings::virtio_blk::{
     VIRTIO_BLK_S_IOERR, VIRTIO_BLK_S_OK, VIRTIO_BLK_S_UNSUPP, VIRTIO_BLK_T_DISCARD,
     VIRTIO_BLK_T_FLUSH, VIRTIO_BLK_T_GET_ID, VIRTIO_BLK_T_IN, VIRTIO_BLK_T_OUT,
@@ -19,7 +18,7 @@ use super::*;
 use crate::devices::bus::BusDevice;
 use crate::devices::virtio::mmio::MmioTransport;
 use crate::devices::virtio::test_utils::{
-    test_memory, GuestQueue, VRING_DESC_F_NEXT, VRING_DESC_F_WRITE,
+    test_memory, EventLoop, GuestQueue, VRING_DESC_F_NEXT, VRING_DESC_F_WRITE,
 };
 use crate::devices::virtio::VIRTIO_MMIO_INT_CONFIG;
 
@@ -550,15 +549,7 @@ fn event_manager_drives_device_through_mmio_transport() {
     ));
     let mem = test_memory();
     let mut t = MmioTransport::new(mem.clone(), blk.clone()).unwrap();
-    let mut em = EventManager::<Arc<Mutex<Block>>>::new().unwrap();
-    em.add_subscriber(blk.clone());
-    let stop = Arc::new(AtomicBool::new(false));
-    let stop2 = stop.clone();
-    let loop_thread = thread::spawn(move || {
-        while !stop2.load(Ordering::SeqCst) {
-            em.run_with_timeout(10).unwrap();
-        }
-    });
+    let event_loop = EventLoop::start(blk.clone());
 
     let w = |t: &mut MmioTransport, off: u64, v: u32| t.write(off, &v.to_le_bytes());
     let r = |t: &mut MmioTransport, off: u64| {
@@ -662,8 +653,7 @@ fn event_manager_drives_device_through_mmio_transport() {
 
     w(&mut t, 0x70, 0);
     assert!(!blk.lock().unwrap().is_active());
-    stop.store(true, Ordering::SeqCst);
-    loop_thread.join().unwrap();
+    event_loop.stop();
 }
 
 /// A reset ends the driver instance: requests it queued are dropped or finish before the reset
@@ -910,15 +900,7 @@ fn queue_depth_16_with_event_idx_never_stalls() {
         )
         .unwrap();
     }
-    let mut em = EventManager::<Arc<Mutex<Block>>>::new().unwrap();
-    em.add_subscriber(blk.clone());
-    let stop = Arc::new(AtomicBool::new(false));
-    let stop2 = stop.clone();
-    let loop_thread = thread::spawn(move || {
-        while !stop2.load(Ordering::SeqCst) {
-            em.run_with_timeout(10).unwrap();
-        }
-    });
+    let event_loop = EventLoop::start(blk.clone());
 
     let (_, avail, used) = q.addrs();
     let used_event = GuestAddress(avail + 4 + 2 * u64::from(QSIZE));
@@ -1008,6 +990,5 @@ fn queue_depth_16_with_event_idx_never_stalls() {
         );
     }
     assert_eq!(blk.lock().unwrap().stats().reads, REQUESTS as u64);
-    stop.store(true, Ordering::SeqCst);
-    loop_thread.join().unwrap();
+    event_loop.stop();
 }

@@ -6,19 +6,18 @@ use std::collections::HashMap;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::path::{Path, PathBuf};
 use std::process::Command;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::thread;
 use std::time::{Duration, Instant};
 
-use event_manager::{EventManager, SubscriberOps};
 use vm_memory::{Bytes, GuestAddress};
 
 use super::*;
 use crate::devices::bus::BusDevice;
 use crate::devices::virtio::mmio::MmioTransport;
 use crate::devices::virtio::test_utils::{
-    test_memory, GuestQueue, VRING_DESC_F_NEXT, VRING_DESC_F_WRITE,
+    test_memory, EventLoop, GuestQueue, VRING_DESC_F_NEXT, VRING_DESC_F_WRITE,
 };
 
 /// IEEE 802 "local experimental" ethertype: nothing else on a test tap uses it.
@@ -760,15 +759,7 @@ fn event_manager_drives_device_through_mmio_transport() {
     let sock = PacketSock::open(&name, None);
     let mem = test_memory();
     let mut t = MmioTransport::new(mem.clone(), net.clone()).unwrap();
-    let mut em = EventManager::<Arc<Mutex<Net>>>::new().unwrap();
-    em.add_subscriber(net.clone());
-    let stop = Arc::new(AtomicBool::new(false));
-    let stop2 = stop.clone();
-    let loop_thread = thread::spawn(move || {
-        while !stop2.load(Ordering::SeqCst) {
-            em.run_with_timeout(10).unwrap();
-        }
-    });
+    let event_loop = EventLoop::start(net.clone());
 
     let w = |t: &mut MmioTransport, off: u64, v: u32| t.write(off, &v.to_le_bytes());
     let r = |t: &mut MmioTransport, off: u64| {
@@ -852,8 +843,7 @@ fn event_manager_drives_device_through_mmio_transport() {
     // Driver reset stops the device.
     w(&mut t, 0x70, 0);
     assert!(!net.lock().unwrap().is_active());
-    stop.store(true, Ordering::SeqCst);
-    loop_thread.join().unwrap();
+    event_loop.stop();
 }
 
 /// With EVENT_IDX the rx ring asks for a notification only when the device runs out of buffers

@@ -5,12 +5,11 @@ use std::collections::HashMap;
 use std::io::{ErrorKind, Read, Write};
 use std::os::fd::AsRawFd;
 use std::os::unix::net::{UnixListener, UnixStream};
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::thread;
 use std::time::{Duration, Instant};
 
-use event_manager::{EventManager, SubscriberOps};
 use vm_memory::{Bytes, GuestAddress};
 
 use super::connection::CONN_BUF_SIZE;
@@ -20,7 +19,7 @@ use crate::devices::bus::BusDevice;
 use crate::devices::virtio::mmio::MmioTransport;
 use crate::devices::virtio::status::DEVICE_NEEDS_RESET;
 use crate::devices::virtio::test_utils::{
-    test_memory, GuestQueue, VRING_DESC_F_NEXT, VRING_DESC_F_WRITE,
+    test_memory, EventLoop, GuestQueue, VRING_DESC_F_NEXT, VRING_DESC_F_WRITE,
 };
 use crate::devices::virtio::VIRTIO_MMIO_INT_CONFIG;
 
@@ -609,32 +608,6 @@ fn new_rejects_bad_cid_and_non_socket_path() {
     let mut cfg = [0u8; 8];
     v.read_config(0, &mut cfg);
     assert_eq!(u64::from_le_bytes(cfg), 3);
-}
-
-/// The device's event loop on its own thread, as the VMM runs it.
-struct EventLoop {
-    stop: Arc<AtomicBool>,
-    thread: thread::JoinHandle<()>,
-}
-
-impl EventLoop {
-    fn start(vsock: Arc<Mutex<Vsock>>) -> Self {
-        let mut em = EventManager::<Arc<Mutex<Vsock>>>::new().unwrap();
-        em.add_subscriber(vsock);
-        let stop = Arc::new(AtomicBool::new(false));
-        let stop2 = stop.clone();
-        let thread = thread::spawn(move || {
-            while !stop2.load(Ordering::SeqCst) {
-                em.run_with_timeout(10).unwrap();
-            }
-        });
-        EventLoop { stop, thread }
-    }
-
-    fn stop(self) {
-        self.stop.store(true, Ordering::SeqCst);
-        self.thread.join().unwrap();
-    }
 }
 
 /// The whole stack as the VMM wires it: MMIO registers, an event manager thread, notifications
