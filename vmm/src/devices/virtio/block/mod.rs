@@ -129,9 +129,8 @@ pub struct BlockStats {
 
 /// State that exists only between activation and reset.
 struct Active {
-    mem: GuestMemory,
-    /// The same memory, shared with the I/O threads.
-    shared_mem: Arc<GuestMemory>,
+    /// Shared with the I/O threads.
+    mem: Arc<GuestMemory>,
     queue: Queue,
     evt: EventFd,
     irq: IrqTrigger,
@@ -385,7 +384,7 @@ impl Block {
 /// `used_event` was crossed; without, always (virtio-queue does not read
 /// `VRING_AVAIL_F_NO_INTERRUPT`).
 fn notify_used(a: &mut Active) {
-    if a.queue.needs_notification(&a.mem).unwrap_or(true) {
+    if a.queue.needs_notification(&*a.mem).unwrap_or(true) {
         if let Err(e) = a.irq.trigger(VIRTIO_MMIO_INT_VRING) {
             warn!("virtio-blk: cannot signal used ring: {e}");
         }
@@ -431,7 +430,7 @@ fn drain_queue(
                         head,
                         chain,
                         status,
-                        mem: a.shared_mem.clone(),
+                        mem: a.mem.clone(),
                     });
                 }
                 Err(e) => {
@@ -557,8 +556,7 @@ impl VirtioDevice for Block {
         self.ctl_evt.write(1).map_err(ActivateError::EventFd)?;
         self.epoch += 1;
         self.state.activate(Active {
-            shared_mem: Arc::new(mem.clone()),
-            mem,
+            mem: Arc::new(mem),
             queue,
             evt,
             irq: interrupt,
