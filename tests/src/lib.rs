@@ -379,7 +379,6 @@ impl VmProcess {
         rss_kib(self.child.id())
     }
 
-    /// The VMM's exit status if it has exited already (for failure reports).
     /// Where each thread of the running husk-vmm is: name, scheduler state, wait channel, system
     /// call, CPU time spent over one second (user, system and guest mode, in clock ticks) and
     /// kernel stack (root only). Tells a vCPU blocked in the VMM (a futex) from one stuck inside
@@ -408,20 +407,21 @@ impl VmProcess {
                 .map(|(_, rest)| rest.split_whitespace().map(str::to_owned).collect())
                 .unwrap_or_default()
         };
-        let times = |tid: u32| -> [u64; 3] {
-            let f = stat(tid);
+        let times = |f: &[String]| -> [u64; 3] {
             let n = |i: usize| f.get(i).and_then(|v| v.parse().ok()).unwrap_or(0);
             [n(11), n(12), n(40)]
         };
-        let before: Vec<(u32, [u64; 3])> = tids().into_iter().map(|t| (t, times(t))).collect();
+        let before: Vec<(u32, [u64; 3])> =
+            tids().into_iter().map(|t| (t, times(&stat(t)))).collect();
         if before.is_empty() {
             return format!("no /proc/{pid}/task (exited)\n");
         }
         std::thread::sleep(Duration::from_secs(1));
         let mut out = String::new();
         for (tid, t0) in before {
-            let t1 = times(tid);
-            let state = stat(tid).first().cloned().unwrap_or_else(|| "?".into());
+            let now = stat(tid);
+            let t1 = times(&now);
+            let state = now.first().map_or("?", String::as_str);
             out.push_str(&format!(
                 "{tid} {} state={state} wchan={} syscall={} last 1 s: user={} sys={} guest={}\n",
                 read(tid, "comm").trim(),
@@ -441,6 +441,7 @@ impl VmProcess {
         out
     }
 
+    /// The VMM's exit status if it has exited already (for failure reports).
     pub fn exited(&mut self) -> Option<ExitStatus> {
         self.child.try_wait().ok().flatten()
     }
