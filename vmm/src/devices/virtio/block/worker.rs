@@ -14,7 +14,6 @@
 use std::collections::VecDeque;
 use std::io;
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
-use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use tracing::warn;
@@ -83,9 +82,10 @@ impl Shared {
     }
 }
 
+/// The workers are detached: they hold their own `Arc<Shared>` and end once the pool is dropped
+/// and their current request is done.
 pub struct IoPool {
     shared: Arc<Shared>,
-    threads: Vec<JoinHandle<()>>,
 }
 
 impl IoPool {
@@ -98,7 +98,6 @@ impl IoPool {
                 settled: Condvar::new(),
                 done_evt: EventFd::new(libc::EFD_NONBLOCK)?,
             }),
-            threads: Vec::new(),
         })
     }
 
@@ -120,17 +119,14 @@ impl IoPool {
     /// exists and none can be started, the job runs here, on the caller's thread: a request is
     /// never lost.
     pub fn submit(&mut self, job: Job) {
-        let shared = self.shared.clone();
+        let shared = &self.shared;
         let mut st = shared.lock();
         st.queue.push_back(job);
         // Woken workers are still counted idle until they take a job, so compare with the jobs
         // nobody has taken yet.
         if st.queue.len() > st.idle && st.workers < MAX_WORKERS {
-            match spawn_worker(&shared) {
-                Ok(t) => {
-                    self.threads.push(t);
-                    st.workers += 1;
-                }
+            match spawn_worker(shared) {
+                Ok(()) => st.workers += 1,
                 Err(e) if st.workers == 0 => {
                     warn_limited!(
                         st.spawn_log,
@@ -197,16 +193,17 @@ impl Drop for IoPool {
         st.queue.clear();
         drop(st);
         self.shared.work.notify_all();
-        self.threads.clear();
     }
 }
 
-fn spawn_worker(shared: &Arc<Shared>) -> io::Result<JoinHandle<()>> {
+/// Starts a detached worker (see [`IoPool`]).
+fn spawn_worker(shared: &Arc<Shared>) -> io::Result<()> {
     let shared = shared.clone();
     std::thread::Builder::new()
         .name("blk-io".into())
         .stack_size(WORKER_STACK)
         .spawn(move || worker(&shared))
+        .map(drop)
 }
 
 fn worker(shared: &Shared) {
