@@ -141,12 +141,15 @@ impl PacketSock {
     /// A socket for frames of `ethertype` only (in the caller's network namespace).
     fn open_proto(ifname: &str, ethertype: u16) -> Self {
         let proto = ethertype.to_be();
+        // Protocol 0 at socket(2): a packet socket opened with a protocol receives from EVERY
+        // interface until bind(2) narrows it, so frames of tests running in parallel on their
+        // own taps could be queued here. bind(2) below sets both the protocol and the tap.
         // SAFETY: plain socket(2) call; the result is checked before use.
         let fd = unsafe {
             libc::socket(
                 libc::AF_PACKET,
                 libc::SOCK_RAW | libc::SOCK_CLOEXEC | libc::SOCK_NONBLOCK,
-                i32::from(proto),
+                0,
             )
         };
         assert!(
