@@ -298,37 +298,35 @@ impl VmProcess {
         Ok(lines)
     }
 
+    /// Like [`Self::console_until`], but gives up as soon as the console stays silent for `quiet`:
+    /// a guest that stopped making progress costs `quiet`, not the whole `timeout`.
+    pub fn console_until_quiet(
+        &mut self,
+        needle: &str,
+        timeout: Duration,
+        quiet: Duration,
+    ) -> Result<Vec<String>, HarnessError> {
+        let rx = self
+            .console_lines
+            .as_ref()
+            .ok_or_else(|| HarnessError::Timeout("console is not piped".into()))?;
+        let mut lines = Vec::new();
+        read_lines_until(rx, needle, timeout, quiet, |_, line| lines.push(line))?;
+        Ok(lines)
+    }
+
     /// Hands every console line to `each`, up to and including the first containing `needle`.
     fn read_console(
         &mut self,
         needle: &str,
         timeout: Duration,
-        mut each: impl FnMut(Instant, String),
+        each: impl FnMut(Instant, String),
     ) -> Result<(), HarnessError> {
         let rx = self
             .console_lines
             .as_ref()
             .ok_or_else(|| HarnessError::Timeout("console is not piped".into()))?;
-        let deadline = Instant::now() + timeout;
-        let mut seen = Vec::new();
-        loop {
-            match rx.recv_timeout(deadline.saturating_duration_since(Instant::now())) {
-                Ok((t, line)) => {
-                    let done = line.contains(needle);
-                    seen.push(line.clone());
-                    each(t, line);
-                    if done {
-                        return Ok(());
-                    }
-                }
-                Err(_) => {
-                    return Err(HarnessError::Timeout(format!(
-                        "no console line containing {needle:?} within {timeout:?}; got:\n{}",
-                        seen.join("\n")
-                    )))
-                }
-            }
-        }
+        read_lines_until(rx, needle, timeout, timeout, each)
     }
 
     /// Sends one request on the VMM's control socket and returns the answer.
@@ -441,6 +439,40 @@ impl VmProcess {
         out
     }
 
+    /// Where the guest's vCPUs are: `samples` times, `every` apart, pauses the VM, reads the
+    /// registers each vCPU left as it parked (control socket `vcpus`) and resumes it. One line per
+    /// vCPU and sample, with `rip` named from the guest kernel's symbols when `syms` has them. A
+    /// guest spinning in one place shows the same function every time. Needs the control socket.
+    pub fn vcpu_samples(
+        &self,
+        samples: usize,
+        every: Duration,
+        syms: Option<&KernelSymbols>,
+    ) -> String {
+        let mut out = String::new();
+        for i in 0..samples {
+            if i > 0 {
+                std::thread::sleep(every);
+            }
+            let answer = self
+                .control(r#"{"op":"pause"}"#)
+                .and_then(|_| self.control(r#"{"op":"vcpus"}"#));
+            let _ = self.control(r#"{"op":"resume"}"#);
+            match answer {
+                Ok(v) => {
+                    for c in v["vcpus"].as_array().into_iter().flatten() {
+                        out.push_str(&format_vcpu(i, c, syms));
+                    }
+                    if v["ok"] != true {
+                        out.push_str(&format!("sample {i}: {v}\n"));
+                    }
+                }
+                Err(e) => out.push_str(&format!("sample {i}: {e}\n")),
+            }
+        }
+        out
+    }
+
     /// The VMM's exit status if it has exited already (for failure reports).
     pub fn exited(&mut self) -> Option<ExitStatus> {
         self.child.try_wait().ok().flatten()
@@ -456,6 +488,107 @@ impl Drop for VmProcess {
     fn drop(&mut self) {
         if matches!(self.child.try_wait(), Ok(None)) {
             self.kill();
+        }
+    }
+}
+
+/// One line for one vCPU of a `vcpus` control answer.
+fn format_vcpu(sample: usize, c: &serde_json::Value, syms: Option<&KernelSymbols>) -> String {
+    let reg = |name: &str| {
+        c[name]
+            .as_str()
+            .and_then(|v| u64::from_str_radix(v.trim_start_matches("0x"), 16).ok())
+    };
+    let rip = reg("rip").unwrap_or(0);
+    let interrupts = match reg("rflags") {
+        Some(f) if f & (1 << 9) != 0 => "on",
+        Some(_) => "off",
+        None => "?",
+    };
+    format!(
+        "sample {sample} vcpu{} {} rip={rip:#x} {} interrupts={interrupts}{}\n",
+        c["id"],
+        c["mp_state"].as_str().unwrap_or("?"),
+        syms.map_or_else(String::new, |s| s.name(rip)),
+        c["error"]
+            .as_str()
+            .map_or_else(String::new, |e| format!(" error: {e}")),
+    )
+}
+
+/// The function symbols of a guest kernel (vmlinux), to name guest addresses in failure reports.
+pub struct KernelSymbols {
+    /// (address, name), sorted by address.
+    syms: Vec<(u64, String)>,
+}
+
+impl KernelSymbols {
+    pub fn load(vmlinux: &Path) -> Result<Self, HarnessError> {
+        use object::{Object, ObjectSymbol, SymbolKind};
+        let io = |what: &str| {
+            let what = format!("{what} {}", vmlinux.display());
+            move |e: std::io::Error| HarnessError::Io { what, source: e }
+        };
+        let data = std::fs::read(vmlinux).map_err(io("reading"))?;
+        let elf = object::File::parse(&*data)
+            .map_err(|e| io("parsing")(std::io::Error::new(std::io::ErrorKind::InvalidData, e)))?;
+        let mut syms: Vec<(u64, String)> = elf
+            .symbols()
+            .filter(|s| s.kind() == SymbolKind::Text && s.address() != 0)
+            .filter_map(|s| Some((s.address(), s.name().ok()?.to_owned())))
+            .collect();
+        syms.sort_unstable();
+        Ok(Self { syms })
+    }
+
+    /// `function+0xoffset` for a kernel text address, `?` for one before the first symbol.
+    pub fn name(&self, addr: u64) -> String {
+        match self.syms.partition_point(|(a, _)| *a <= addr) {
+            0 => "?".into(),
+            i => {
+                let (start, name) = &self.syms[i - 1];
+                format!("{name}+{:#x}", addr - start)
+            }
+        }
+    }
+}
+
+/// Hands every line from `rx` to `each`, up to and including the first containing `needle`. Fails
+/// after `timeout` in all, after `quiet` without a line, or when the sender is gone (the process
+/// closed its output); the error says which, with the lines seen so far.
+pub fn read_lines_until(
+    rx: &mpsc::Receiver<(Instant, String)>,
+    needle: &str,
+    timeout: Duration,
+    quiet: Duration,
+    mut each: impl FnMut(Instant, String),
+) -> Result<(), HarnessError> {
+    let start = Instant::now();
+    let deadline = start + timeout;
+    let mut seen = Vec::new();
+    loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        match rx.recv_timeout(left.min(quiet)) {
+            Ok((t, line)) => {
+                let done = line.contains(needle);
+                seen.push(line.clone());
+                each(t, line);
+                if done {
+                    return Ok(());
+                }
+            }
+            Err(e) => {
+                let why = match e {
+                    mpsc::RecvTimeoutError::Disconnected => "the output closed".to_string(),
+                    _ if Instant::now() >= deadline => format!("{timeout:?} passed"),
+                    _ => format!("silent for {quiet:?}"),
+                };
+                return Err(HarnessError::Timeout(format!(
+                    "no line containing {needle:?} ({why} after {:.0?}); got:\n{}",
+                    start.elapsed(),
+                    seen.join("\n")
+                )));
+            }
         }
     }
 }
@@ -590,6 +723,74 @@ fn cpu_fault_evidence(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[inline(never)]
+    fn a_function_to_find() -> u64 {
+        std::hint::black_box(42)
+    }
+
+    #[test]
+    fn kernel_symbols_name_addresses_of_an_elf_file() {
+        // This test binary is an ELF file with symbols, like vmlinux.
+        let syms = KernelSymbols::load(&std::env::current_exe().unwrap()).unwrap();
+        // Look the function up by name (a PIE binary runs relocated, so not by its runtime address).
+        let (start, _) = syms
+            .syms
+            .iter()
+            .find(|(_, n)| n.contains("a_function_to_find"))
+            .expect("the test function is in the symbol table")
+            .clone();
+        assert!(syms.name(start + 3).contains("a_function_to_find"));
+        assert!(syms.name(start + 3).ends_with("+0x3"));
+        assert_eq!(syms.name(0), "?");
+        assert_eq!(a_function_to_find(), 42);
+        assert!(KernelSymbols::load(Path::new("/nonexistent/vmlinux")).is_err());
+    }
+
+    #[test]
+    fn vcpu_lines_name_the_function_and_the_interrupt_flag() {
+        let syms = KernelSymbols {
+            syms: vec![
+                (0x1000, "default_idle".into()),
+                (0x2000, "blk_mq_poll".into()),
+            ],
+        };
+        let c =
+            serde_json::json!({"id": 1, "mp_state": "halted", "rip": "0x1010", "rflags": "0x246"});
+        assert_eq!(
+            format_vcpu(2, &c, Some(&syms)),
+            "sample 2 vcpu1 halted rip=0x1010 default_idle+0x10 interrupts=on\n"
+        );
+        let c =
+            serde_json::json!({"id": 0, "mp_state": "runnable", "rip": "0x2001", "rflags": "0x46"});
+        assert!(format_vcpu(0, &c, Some(&syms)).contains("blk_mq_poll+0x1 interrupts=off"));
+    }
+
+    #[test]
+    fn reading_lines_stops_at_the_needle_at_silence_or_when_the_output_closes() {
+        let (tx, rx) = mpsc::channel();
+        for l in ["boot", "BENCH x", "BENCH-DONE", "after"] {
+            tx.send((Instant::now(), l.to_string())).unwrap();
+        }
+        let mut got = Vec::new();
+        let long = Duration::from_secs(60);
+        read_lines_until(&rx, "BENCH-DONE", long, long, |_, l| got.push(l)).unwrap();
+        assert_eq!(got, ["boot", "BENCH x", "BENCH-DONE"]);
+
+        let e = read_lines_until(&rx, "never", long, Duration::from_millis(50), |_, _| {})
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("silent for 50ms") && e.contains("after"), "{e}");
+        let e = read_lines_until(&rx, "never", Duration::from_millis(30), long, |_, _| {})
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("30ms passed"), "{e}");
+        drop(tx);
+        let e = read_lines_until(&rx, "never", long, long, |_, _| {})
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("output closed"), "{e}");
+    }
 
     /// The evidence as it appeared in the test host on 2026-12-04.
     #[test]

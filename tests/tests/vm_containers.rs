@@ -737,6 +737,8 @@ fn run_pod_vm(a: &husk_tests::Artifacts) -> Result<(), Failure> {
     let opts = VmOptions {
         vcpus: 2,
         mem_mib: 384,
+        // Only for the failure report: where the vCPUs of a guest that stopped are.
+        control_socket: true,
         extra_args: vec![
             "--fs".into(),
             format!("socket={},tag={TAG}", vfsd.socket.display()),
@@ -780,10 +782,16 @@ fn run_pod_vm(a: &husk_tests::Artifacts) -> Result<(), Failure> {
             vm.exited()
         });
         let threads = vm.thread_dump();
+        let vcpus = if exited.is_none() {
+            let syms = husk_tests::KernelSymbols::load(&a.kernel).ok();
+            vm.vcpu_samples(5, Duration::from_millis(300), syms.as_ref())
+        } else {
+            String::new()
+        };
         vm.kill();
         let (console, stderr) = (vm.console(), vm.stderr());
         eprintln!(
-            "--- husk-vmm: {}\n--- husk-vmm threads:\n{threads}--- guest console:\n{console}\n--- husk-vmm stderr:\n{stderr}\n--- virtiofsd:\n{}",
+            "--- husk-vmm: {}\n--- husk-vmm threads:\n{threads}--- guest vCPUs:\n{vcpus}--- guest console:\n{console}\n--- husk-vmm stderr:\n{stderr}\n--- virtiofsd:\n{}",
             exited.map_or("still running when the test failed".into(), |s| format!("exited: {s}")),
             vfsd.log()
         );

@@ -36,9 +36,33 @@ fn state_pause_resume_stats_and_graceful_stop() {
     assert_eq!(s["vcpus"], 2);
     assert_eq!(s["mem_mib"], 128);
 
+    let early = vm.control(r#"{"op":"vcpus"}"#).unwrap();
+    assert_eq!(
+        early["ok"], false,
+        "registers only of parked vCPUs: {early}"
+    );
+
     let p = vm.control(r#"{"op":"pause"}"#).unwrap();
     assert_eq!(p["state"], "paused", "{p}");
     assert_eq!(vm.control(r#"{"op":"state"}"#).unwrap()["state"], "paused");
+    // Each parked vCPU left its registers: an idle Linux guest in 64-bit mode, in kernel text.
+    let v = vm.control(r#"{"op":"vcpus"}"#).unwrap();
+    let vcpus = v["vcpus"].as_array().unwrap_or_else(|| panic!("{v}"));
+    assert_eq!(vcpus.len(), 2, "{v}");
+    for (i, c) in vcpus.iter().enumerate() {
+        let reg = |name: &str| {
+            let s = c[name].as_str().unwrap_or_else(|| panic!("{name} in {v}"));
+            u64::from_str_radix(s.trim_start_matches("0x"), 16).unwrap()
+        };
+        assert_eq!(c["id"], i, "{v}");
+        assert!(c.get("error").is_none(), "{v}");
+        assert!(
+            reg("rip") >= 0xffff_ffff_8000_0000,
+            "rip outside kernel text: {v}"
+        );
+        assert_ne!(reg("efer") & (1 << 10), 0, "EFER.LMA: {v}");
+        assert_ne!(reg("cr3"), 0, "{v}");
+    }
     let r = vm.control(r#"{"op":"resume"}"#).unwrap();
     assert_eq!(r["state"], "running", "{r}");
     rt.block_on(client.ping())

@@ -126,6 +126,7 @@ impl Supervisor<'_> {
                         self.devices.iter().map(DeviceHandle::stats).collect();
                     json!({"ok": true, "devices": devices})
                 }
+                Request::Vcpus {} => self.vcpu_snapshots(),
                 Request::Stop {
                     mode: StopMode::Hard,
                     ..
@@ -160,6 +161,14 @@ impl Supervisor<'_> {
             "mem_mib": self.mem_mib,
             "uptime_ms": self.started.elapsed().as_millis() as u64,
         })
+    }
+
+    /// The registers the vCPUs left when they parked (a debugging aid: where is a stuck guest?).
+    fn vcpu_snapshots(&self) -> Value {
+        if !self.gate.is_paused() {
+            return error_reply("pause the VM first: registers are read from parked vCPUs");
+        }
+        json!({"ok": true, "vcpus": self.gate.snapshots()})
     }
 
     fn pause(&self) -> Value {

@@ -1,7 +1,9 @@
 //! The vCPU threads: run KVM_RUN, dispatch port-I/O and MMIO exits to the buses, report the exits
 //! that end the VM. Stop and pause requests interrupt KVM_RUN with a signal; a paused vCPU parks on
-//! the [`VcpuGate`] until it is resumed or stopped.
+//! the [`VcpuGate`] until it is resumed or stopped; on its way there it leaves a [`VcpuSnapshot`] of
+//! its registers, which the control socket's `vcpus` request shows (where is a stuck guest?).
 
+use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Condvar, Mutex, Once};
 use std::thread::JoinHandle;
@@ -41,6 +43,39 @@ pub struct VcpuGate {
 struct GateState {
     paused: bool,
     parked: usize,
+    /// Registers of each vCPU as it parked for the current pause (by vCPU id).
+    snapshots: BTreeMap<u8, VcpuSnapshot>,
+}
+
+/// A parked vCPU's registers: enough to tell where a guest that stopped making progress runs.
+/// Registers serialize as hex strings: kernel addresses exceed what JSON numbers carry exactly
+/// in most clients (2^53).
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct VcpuSnapshot {
+    pub id: u8,
+    /// KVM's multiprocessing state (`runnable`, `halted`, …), `unknown` if unreadable.
+    pub mp_state: &'static str,
+    #[serde(serialize_with = "hex")]
+    pub rip: u64,
+    #[serde(serialize_with = "hex")]
+    pub rsp: u64,
+    #[serde(serialize_with = "hex")]
+    pub rflags: u64,
+    #[serde(serialize_with = "hex")]
+    pub cr0: u64,
+    #[serde(serialize_with = "hex")]
+    pub cr3: u64,
+    #[serde(serialize_with = "hex")]
+    pub cr4: u64,
+    #[serde(serialize_with = "hex")]
+    pub efer: u64,
+    /// Why the registers could not be read, if they could not (the numbers are then 0).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+}
+
+fn hex<S: serde::Serializer>(v: &u64, s: S) -> Result<S::Ok, S::Error> {
+    s.serialize_str(&format!("{v:#x}"))
 }
 
 impl VcpuGate {
@@ -48,12 +83,19 @@ impl VcpuGate {
         self.state.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// Called by a vCPU thread between runs: blocks while the VM is paused and not stopping.
-    fn park_if_paused(&self, stop: &AtomicBool) {
+    /// Called by a vCPU thread between runs: blocks while the VM is paused and not stopping. The
+    /// snapshot is taken (outside the lock) before the vCPU counts as parked, so that once
+    /// [`Self::wait_parked`] succeeds every parked vCPU has left one.
+    fn park_if_paused(&self, stop: &AtomicBool, snapshot: impl FnOnce() -> VcpuSnapshot) {
+        if !self.lock().paused {
+            return;
+        }
+        let snap = snapshot();
         let mut s = self.lock();
         if !s.paused {
             return;
         }
+        s.snapshots.insert(snap.id, snap);
         s.parked += 1;
         self.changed.notify_all();
         while s.paused && !stop.load(Ordering::Acquire) {
@@ -63,8 +105,22 @@ impl VcpuGate {
     }
 
     pub fn set_paused(&self, paused: bool) {
-        self.lock().paused = paused;
+        let mut s = self.lock();
+        if paused && !s.paused {
+            // Registers of an earlier pause would describe the past.
+            s.snapshots.clear();
+        }
+        s.paused = paused;
         self.changed.notify_all();
+    }
+
+    /// The registers each parked vCPU left for the current pause; empty while running.
+    pub fn snapshots(&self) -> Vec<VcpuSnapshot> {
+        let s = self.lock();
+        if !s.paused {
+            return Vec::new();
+        }
+        s.snapshots.values().cloned().collect()
     }
 
     pub fn is_paused(&self) -> bool {
@@ -122,7 +178,7 @@ impl Vcpu {
 
     fn run_loop(mut self, stop: &AtomicBool, gate: &VcpuGate) -> Option<VmExit> {
         while !stop.load(Ordering::Acquire) {
-            gate.park_if_paused(stop);
+            gate.park_if_paused(stop, || self.snapshot());
             if stop.load(Ordering::Acquire) {
                 break;
             }
@@ -186,6 +242,37 @@ impl Vcpu {
 }
 
 impl Vcpu {
+    fn snapshot(&self) -> VcpuSnapshot {
+        let mp_state = match self.fd.get_mp_state().map(|m| m.mp_state) {
+            Ok(kvm_bindings::KVM_MP_STATE_RUNNABLE) => "runnable",
+            Ok(kvm_bindings::KVM_MP_STATE_UNINITIALIZED) => "uninitialized",
+            Ok(kvm_bindings::KVM_MP_STATE_INIT_RECEIVED) => "init_received",
+            Ok(kvm_bindings::KVM_MP_STATE_HALTED) => "halted",
+            Ok(kvm_bindings::KVM_MP_STATE_SIPI_RECEIVED) => "sipi_received",
+            _ => "unknown",
+        };
+        let mut snap = VcpuSnapshot {
+            id: self.id,
+            mp_state,
+            rip: 0,
+            rsp: 0,
+            rflags: 0,
+            cr0: 0,
+            cr3: 0,
+            cr4: 0,
+            efer: 0,
+            error: None,
+        };
+        match (self.fd.get_regs(), self.fd.get_sregs()) {
+            (Ok(r), Ok(sr)) => {
+                (snap.rip, snap.rsp, snap.rflags) = (r.rip, r.rsp, r.rflags);
+                (snap.cr0, snap.cr3, snap.cr4, snap.efer) = (sr.cr0, sr.cr3, sr.cr4, sr.efer);
+            }
+            (Err(e), _) | (_, Err(e)) => snap.error = Some(e.to_string()),
+        }
+        snap
+    }
+
     /// KVM_EXIT_SHUTDOWN: a triple fault. Husk guests reboot through the i8042 (`reboot=k`), so
     /// a triple fault is a guest crash, reported with the registers that explain it. Two
     /// exceptions: Linux's `reboot=t` loads an empty IDT first (on Intel the registers still show
@@ -260,28 +347,55 @@ impl VcpuHandle {
 mod tests {
     use super::*;
 
+    fn fake(id: u8) -> VcpuSnapshot {
+        VcpuSnapshot {
+            id,
+            mp_state: "runnable",
+            rip: 0x1000 + u64::from(id),
+            rsp: 0,
+            rflags: 0x2,
+            cr0: 0,
+            cr3: 0,
+            cr4: 0,
+            efer: 0,
+            error: None,
+        }
+    }
+
     #[test]
     fn gate_parks_until_resumed_or_stopped() {
         let gate = Arc::new(VcpuGate::default());
         let stop = Arc::new(AtomicBool::new(false));
         gate.set_paused(true);
-        let threads: Vec<_> = (0..3)
-            .map(|_| {
+        let threads: Vec<_> = (0..3u8)
+            .map(|id| {
                 let (g, s) = (gate.clone(), stop.clone());
-                std::thread::spawn(move || g.park_if_paused(&s))
+                std::thread::spawn(move || g.park_if_paused(&s, || fake(id)))
             })
             .collect();
         assert!(gate.wait_parked(3, Duration::from_secs(5)));
         assert!(threads.iter().all(|t| !t.is_finished()));
+        // Every parked vCPU left its registers, in id order.
+        let rips: Vec<u64> = gate.snapshots().iter().map(|s| s.rip).collect();
+        assert_eq!(rips, [0x1000, 0x1001, 0x1002]);
         gate.set_paused(false);
         for t in threads {
             t.join().unwrap();
         }
+        assert!(gate.snapshots().is_empty(), "no registers while running");
 
+        // A new pause forgets the old registers; a running VM takes no snapshot at all.
+        gate.park_if_paused(&stop, || panic!("snapshot taken while running"));
         gate.set_paused(true);
+        assert!(gate.snapshots().is_empty());
         let (g, s) = (gate.clone(), stop.clone());
-        let t = std::thread::spawn(move || g.park_if_paused(&s));
+        let t = std::thread::spawn(move || g.park_if_paused(&s, || fake(7)));
         assert!(gate.wait_parked(1, Duration::from_secs(5)));
+        assert_eq!(gate.snapshots(), [fake(7)]);
+        let json = serde_json::to_value(&gate.snapshots()[0]).unwrap();
+        assert_eq!(json["rip"], "0x1007");
+        assert_eq!(json["mp_state"], "runnable");
+        assert!(json.get("error").is_none());
         stop.store(true, Ordering::Release);
         gate.wake_all();
         t.join().unwrap();

@@ -1,8 +1,9 @@
 //! Device benchmarks: fio on virtio-blk and iperf3 over a tap, husk-vmm against QEMU `-M microvm`
 //! booting the same kernel and the same benchmark image; the virtio-fs share against reading the same
-//! files directly on the host. A round boots husk-vmm and QEMU with blk + net (odd rounds QEMU
-//! first, so slow drifts of a shared machine hit both sides alike), then husk-vmm with the share
-//! only, then probes the share directly on the host.
+//! files directly on the host. A round boots husk-vmm and QEMU with blk + net (every other kept
+//! round QEMU first, so slow drifts of a shared machine hit both sides alike), then husk-vmm with
+//! the share only, then probes the share directly on the host. A round whose VM fails is dropped
+//! whole and another is made, up to twice as many attempts as rounds asked for.
 //!
 //! Everything the devices read lives on the host's tmpfs (the test host's /tmp): the 256 MiB raw
 //! disk image and the shared directory. Both VMMs then serve the guest from the host page cache, so
@@ -10,12 +11,14 @@
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
-use std::sync::mpsc;
 use std::time::Duration;
 
 use anyhow::{bail, Context};
 use husk_tests::virtiofsd::Virtiofsd;
-use husk_tests::{line_reader, median, wait_child, Artifacts, GuestImage, VmOptions, VmProcess};
+use husk_tests::{
+    line_reader, median, read_lines_until, wait_child, Artifacts, GuestImage, KernelSymbols,
+    VmOptions, VmProcess,
+};
 
 use super::util::{built, field, r2, summary, workdir, write_pattern, Daemon, Tap};
 
@@ -33,6 +36,14 @@ const SHARE_FILES: usize = 1000;
 /// Upper bound for one benchmark VM (boot, fio, iperf3, fs probe) in the nested test host; a
 /// round takes 1–2 minutes per VM.
 const VM_TIMEOUT: Duration = Duration::from_secs(480);
+/// A benchmark guest prints a line after each workload (each takes `secs` plus start-up) and boots
+/// in well under a minute: a console silent this long belongs to a guest that stopped.
+const VM_QUIET: Duration = Duration::from_secs(120);
+/// Register samples taken of a guest that stopped (pause, read, resume), and their spacing.
+const STUCK_SAMPLES: usize = 5;
+const STUCK_SAMPLE_EVERY: Duration = Duration::from_millis(300);
+/// Attempts per kept round: rounds whose VM fails are retried up to `runs * this` attempts in all.
+const ATTEMPTS_PER_ROUND: usize = 2;
 
 /// One boot of the benchmark image.
 #[derive(Debug, Clone, Copy)]
@@ -61,10 +72,12 @@ pub struct Setup {
     share: PathBuf,
     _tap: Tap,
     secs: u32,
+    /// The guest kernel's symbols, to say where a guest that stopped was running.
+    syms: Option<KernelSymbols>,
 }
 
 impl Setup {
-    pub fn new(secs: u32) -> anyhow::Result<Self> {
+    pub fn new(a: &Artifacts, secs: u32) -> anyhow::Result<Self> {
         let hint = "run 'make bench-image'";
         let initrd = built("build/testhost/bench-initrd.img", hint)?;
         let tools = built("build/testhost/bench-tools.erofs", hint)?;
@@ -81,6 +94,9 @@ impl Setup {
             std::fs::write(share.join(format!("many/f{i:04}")), format!("file {i}\n"))?;
         }
         let tap = Tap::create(TAP, &format!("{HOST_IP}/24"))?;
+        let syms = KernelSymbols::load(&a.kernel)
+            .map_err(|e| eprintln!("[bench] guest addresses stay unnamed: {e}"))
+            .ok();
         Ok(Setup {
             dir,
             initrd,
@@ -90,6 +106,7 @@ impl Setup {
             share,
             _tap: tap,
             secs,
+            syms,
         })
     }
 
@@ -123,6 +140,7 @@ impl Setup {
             image: GuestImage::Initrd(self.initrd.clone()),
             extra_cmdline: Some(self.guest_vars()),
             console_to_pipe: true,
+            control_socket: true,
             extra_args: vec![
                 "--disk".into(),
                 format!("path={},ro,id=bench-data", self.data.display()),
@@ -154,6 +172,7 @@ impl Setup {
             image: GuestImage::Initrd(self.initrd.clone()),
             extra_cmdline: Some(format!("bench_tag={FS_TAG}")),
             console_to_pipe: true,
+            control_socket: true,
             extra_args: vfsd.fs_arg(FS_TAG),
             ..VmOptions::agent(a)
         };
@@ -171,13 +190,14 @@ impl Setup {
         daemon_log: Option<&Path>,
     ) -> anyhow::Result<Vec<String>> {
         let mut vm = VmProcess::spawn(a, opts)?;
-        let lines = match vm.console_until("BENCH-DONE", VM_TIMEOUT) {
+        let lines = match vm.console_until_quiet("BENCH-DONE", VM_TIMEOUT, VM_QUIET) {
             Ok(l) => l,
             Err(e) => {
                 let threads = vm.thread_dump();
+                let vcpus = vm.vcpu_samples(STUCK_SAMPLES, STUCK_SAMPLE_EVERY, self.syms.as_ref());
                 vm.kill();
                 bail!(
-                    "husk benchmark VM: {e}\nhusk-vmm threads:\n{threads}stderr: {}\nvirtiofsd: {}",
+                    "husk benchmark VM: {e}\nguest vCPUs:\n{vcpus}husk-vmm threads:\n{threads}stderr: {}\nvirtiofsd: {}",
                     vm.stderr(),
                     daemon_log
                         .and_then(|l| std::fs::read_to_string(l).ok())
@@ -194,6 +214,8 @@ impl Setup {
 
     fn qemu(&self, a: &Artifacts, round: usize) -> anyhow::Result<VmSample> {
         let (mut iperf, iperf_out) = self.iperf_server(round, "qemu")?;
+        // QEMU's human monitor, to read the registers of a guest that stopped.
+        let monitor = self.dir.path().join(format!("qemu-monitor-{round}.sock"));
         // The husk guest command line with QEMU's end of the VM: `-no-reboot` turns the guest's
         // triple-fault reboot into QEMU's exit. acpi=off: the guest kernel has no ACPI, and QEMU
         // then announces its virtio-mmio devices on the command line, as husk-vmm does.
@@ -209,6 +231,8 @@ impl Setup {
             .args(["-m", &GUEST_MIB.to_string(), "-smp", "1"])
             .args(["-nodefaults", "-no-user-config", "-display", "none"])
             .args(["-no-reboot", "-serial", "stdio"])
+            .arg("-monitor")
+            .arg(format!("unix:{},server=on,wait=off", monitor.display()))
             .arg("-kernel")
             .arg(&a.kernel)
             .arg("-initrd")
@@ -242,38 +266,24 @@ impl Setup {
             .context("starting qemu-system-x86_64")?;
         let rx = line_reader(child.stdout.take().context("qemu stdout")?);
         let mut lines = Vec::new();
-        let deadline = std::time::Instant::now() + VM_TIMEOUT;
-        loop {
-            match rx.recv_timeout(deadline.saturating_duration_since(std::time::Instant::now())) {
-                Ok((_, l)) => {
-                    let done = l.contains("BENCH-DONE");
-                    lines.push(l);
-                    if done {
-                        break;
-                    }
-                }
-                Err(e) => {
-                    // Disconnected: QEMU closed its console, i.e. exited (with -no-reboot, a
-                    // guest triple fault ends it silently with status 0).
-                    let how = match e {
-                        mpsc::RecvTimeoutError::Timeout => {
-                            format!("no BENCH-DONE in {VM_TIMEOUT:?}")
-                        }
-                        mpsc::RecvTimeoutError::Disconnected => "QEMU exited first".into(),
-                    };
-                    let _ = child.kill();
-                    let status = child.wait();
-                    let mut err = String::new();
-                    if let Some(mut e) = child.stderr.take() {
-                        use std::io::Read;
-                        let _ = e.read_to_string(&mut err);
-                    }
-                    bail!(
-                        "QEMU benchmark VM did not finish ({how}; {status:?}); console:\n{}\nstderr: {err}",
-                        lines.join("\n")
-                    );
-                }
+        if let Err(e) = read_lines_until(&rx, "BENCH-DONE", VM_TIMEOUT, VM_QUIET, |_, l| {
+            lines.push(l)
+        }) {
+            // With -no-reboot, a guest triple fault ends QEMU silently with status 0 (the
+            // output closes); a stopped guest leaves QEMU running: ask it where the vCPU is.
+            let vcpus = if matches!(child.try_wait(), Ok(None)) {
+                qemu_vcpu_samples(&monitor, self.syms.as_ref())
+            } else {
+                "QEMU exited first\n".into()
+            };
+            let _ = child.kill();
+            let status = child.wait();
+            let mut err = String::new();
+            if let Some(mut e) = child.stderr.take() {
+                use std::io::Read;
+                let _ = e.read_to_string(&mut err);
             }
+            bail!("QEMU benchmark VM did not finish ({status:?}): {e}\nguest vCPU:\n{vcpus}stderr: {err}");
         }
         wait_child(&mut child, Duration::from_secs(60), "qemu")?;
         iperf.wait(Duration::from_secs(30))?;
@@ -296,6 +306,60 @@ impl Setup {
         let stat = probe("stat", &self.share.join("many"))?;
         fs_sample(&read, &stat)
     }
+}
+
+/// [`STUCK_SAMPLES`] register samples of a QEMU guest through its human monitor (`info registers`
+/// stops the vCPU for the read, as husk-vmm's `vcpus` does): RIP named from the kernel symbols,
+/// the interrupt flag and whether the vCPU is halted.
+fn qemu_vcpu_samples(monitor: &Path, syms: Option<&KernelSymbols>) -> String {
+    let mut out = String::new();
+    for i in 0..STUCK_SAMPLES {
+        if i > 0 {
+            std::thread::sleep(STUCK_SAMPLE_EVERY);
+        }
+        match qemu_registers(monitor) {
+            Ok(regs) => {
+                let field = |name: &str| {
+                    regs.split_whitespace()
+                        .find_map(|w| w.strip_prefix(name))
+                        .and_then(|v| u64::from_str_radix(v, 16).ok())
+                };
+                let rip = field("RIP=").unwrap_or(0);
+                let interrupts = match field("RFL=") {
+                    Some(f) if f & (1 << 9) != 0 => "on",
+                    Some(_) => "off",
+                    None => "?",
+                };
+                out.push_str(&format!(
+                    "sample {i} rip={rip:#x} {} interrupts={interrupts} halted={}\n",
+                    syms.map_or_else(String::new, |s| s.name(rip)),
+                    field("HLT=").map_or("?".into(), |h| h.to_string()),
+                ));
+            }
+            Err(e) => out.push_str(&format!("sample {i}: {e:#}\n")),
+        }
+    }
+    out
+}
+
+/// The answer to `info registers` on QEMU's human monitor socket.
+fn qemu_registers(monitor: &Path) -> anyhow::Result<String> {
+    use std::io::{Read, Write};
+    let mut s = std::os::unix::net::UnixStream::connect(monitor)
+        .with_context(|| format!("connecting to {}", monitor.display()))?;
+    s.set_read_timeout(Some(Duration::from_secs(5)))?;
+    s.write_all(b"info registers\n")?;
+    // The banner and prompt come first; the registers end with the next prompt.
+    let mut got = Vec::new();
+    let mut buf = [0u8; 4096];
+    while !String::from_utf8_lossy(&got).contains("HLT=") || !got.ends_with(b"(qemu) ") {
+        let n = s.read(&mut buf).context("reading the QEMU monitor")?;
+        if n == 0 || got.len() > 64 << 10 {
+            break;
+        }
+        got.extend_from_slice(&buf[..n]);
+    }
+    Ok(String::from_utf8_lossy(&got).into_owned())
 }
 
 fn fs_sample(read: &str, stat: &str) -> anyhow::Result<FsSample> {
@@ -368,21 +432,25 @@ pub struct DeviceResults {
     /// The daemon → VMM eventfd wake-up that vhost-user adds per request, µs (one per round).
     hop_us: Vec<f64>,
     secs: u32,
-    /// Rounds (1-based) dropped because a VM failed.
+    /// Attempts (1-based) dropped because a VM failed.
     failed: Vec<usize>,
 }
 
 pub fn run(a: &Artifacts, runs: usize, secs: u32) -> anyhow::Result<DeviceResults> {
-    let setup = Setup::new(secs)?;
+    let setup = Setup::new(a, secs)?;
     let (mut husk, mut qemu, mut host) = (Vec::new(), Vec::new(), Vec::new());
     let mut hop_us = Vec::new();
     let mut failed = Vec::new();
-    for round in 0..runs {
-        match run_round(&setup, a, round) {
+    let max_attempts = runs * ATTEMPTS_PER_ROUND;
+    let mut attempt = 0;
+    while husk.len() < runs && attempt < max_attempts {
+        attempt += 1;
+        // QEMU first in every other kept round.
+        match run_round(&setup, a, attempt, husk.len() % 2 == 1) {
             Ok((h, q, fs)) => {
                 eprintln!(
-                    "[bench] devices round {}/{runs}: husk {h:?} qemu {q:?} host fs {fs:?}",
-                    round + 1
+                    "[bench] devices round {}/{runs} (attempt {attempt}): husk {h:?} qemu {q:?} host fs {fs:?}",
+                    husk.len() + 1
                 );
                 husk.push(h);
                 qemu.push(q);
@@ -390,17 +458,18 @@ pub fn run(a: &Artifacts, runs: usize, secs: u32) -> anyhow::Result<DeviceResult
                 hop_us.push(super::eventfd_hop::median_hop_us(HOP_TRIPS)?);
             }
             // A guest that dies under nested emulation (it happens to either peer, rarely)
-            // costs its round, not the run: the round is dropped whole so the peers stay paired.
+            // costs its attempt, not the run: the attempt is dropped whole so the peers stay
+            // paired, and another one is made.
             Err(e) => {
-                eprintln!("[bench] devices round {}/{runs} FAILED: {e:#}", round + 1);
-                failed.push(round + 1);
+                eprintln!("[bench] devices attempt {attempt}/{max_attempts} FAILED: {e:#}");
+                failed.push(attempt);
             }
         }
     }
     if husk.len() * 2 <= runs {
         bail!(
-            "device benchmark: {} of {runs} rounds failed ({failed:?}); see the messages above",
-            failed.len()
+            "device benchmark: only {} of {attempt} attempts finished ({failed:?} failed); see the messages above",
+            husk.len()
         );
     }
     Ok(DeviceResults {
@@ -418,14 +487,16 @@ fn run_round(
     setup: &Setup,
     a: &Artifacts,
     round: usize,
+    qemu_first: bool,
 ) -> anyhow::Result<(VmSample, VmSample, FsSample)> {
-    // Alternate which VMM goes first: a drift in the machine's load then favours neither.
-    let (mut husk, qemu) = if round.is_multiple_of(2) {
-        let h = setup.husk(a, round)?;
-        (h, setup.qemu(a, round)?)
-    } else {
+    // The caller alternates which VMM goes first: a drift in the machine's load then favours
+    // neither.
+    let (mut husk, qemu) = if qemu_first {
         let q = setup.qemu(a, round)?;
         (setup.husk(a, round)?, q)
+    } else {
+        let h = setup.husk(a, round)?;
+        (h, setup.qemu(a, round)?)
     };
     husk.fs = Some(setup.husk_fs(a, round)?);
     Ok((husk, qemu, setup.host_fs()?))
@@ -509,7 +580,11 @@ impl DeviceResults {
         let dropped = if self.failed.is_empty() {
             String::new()
         } else {
-            format!(", rounds {:?} dropped: a VM failed", self.failed)
+            format!(
+                ", attempts {:?} of {} dropped: a VM failed",
+                self.failed,
+                self.husk.len() + self.failed.len()
+            )
         };
         println!(
             "Devices ({} rounds, peers interleaved; fio and iperf3 {} s each; medians (min–max){dropped}):",

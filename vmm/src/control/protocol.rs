@@ -4,6 +4,7 @@
 //! {"op":"state"}                      -> {"ok":true,"state":"running","vcpus":2,"mem_mib":256,"uptime_ms":1234}
 //! {"op":"pause"} / {"op":"resume"}    -> {"ok":true,"state":"paused"} / {"ok":true,"state":"running"}
 //! {"op":"stats"}                      -> {"ok":true,"devices":[{"type":"block","slot":0,...},...]}
+//! {"op":"vcpus"}  (while paused)      -> {"ok":true,"vcpus":[{"id":0,"mp_state":"runnable","rip":...},...]}
 //! {"op":"stop","mode":"graceful","timeout_ms":10000}  -> {"ok":true,"stopping":"graceful"}
 //! {"op":"stop","mode":"hard"}         -> {"ok":true,"stopping":"hard"}
 //! anything else                       -> {"ok":false,"error":"..."}
@@ -26,6 +27,7 @@ pub enum Request {
     Pause {},
     Resume {},
     Stats {},
+    Vcpus {},
     Stop {
         #[serde(default)]
         mode: StopMode,
@@ -64,6 +66,10 @@ mod tests {
         assert_eq!(
             parse_request(br#"{"op":"state"}"#).unwrap(),
             Request::State {}
+        );
+        assert_eq!(
+            parse_request(br#"{"op":"vcpus"}"#).unwrap(),
+            Request::Vcpus {}
         );
         assert_eq!(
             parse_request(br#"{"op":"stop"}"#).unwrap(),
