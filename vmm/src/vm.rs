@@ -42,7 +42,14 @@ use crate::vcpu::{Vcpu, VcpuGate, VcpuHandle};
 const VIRTIO_FIRST_IRQ: u32 = 5;
 const VIRTIO_MMIO_QUEUE_NOTIFY: u64 = 0x50;
 
-type Subscriber = Arc<Mutex<dyn MutEventSubscriber + Send>>;
+/// What the device event loop holds: a virtio device that is also an event subscriber.
+trait LoopDevice: VirtioDevice + MutEventSubscriber + Send {}
+impl<T: VirtioDevice + MutEventSubscriber + Send> LoopDevice for T {}
+
+type Subscriber = Arc<Mutex<dyn LoopDevice>>;
+
+/// How long VM start waits for the event loop to register every device.
+const EVENT_LOOP_READY_TIMEOUT: Duration = Duration::from_secs(10);
 
 #[derive(Debug, thiserror::Error)]
 pub enum VmError {
@@ -441,24 +448,40 @@ impl VirtioSlots<'_> {
     }
 }
 
-/// The device event loop: virtio queue notifications and backend sockets, on one thread.
+/// The device event loop: virtio queue notifications and backend sockets, on one thread. Returns
+/// once every device registered its events; a device that could not would never hear from its
+/// queues, so that is an error and the VM does not start.
 fn start_event_loop(
     subscribers: Vec<Subscriber>,
     stop: Arc<AtomicBool>,
-) -> std::io::Result<JoinHandle<()>> {
-    std::thread::Builder::new()
+) -> Result<JoinHandle<()>, String> {
+    let (ready_tx, ready) = mpsc::channel::<Result<(), String>>();
+    let thread = std::thread::Builder::new()
         .name("devices".into())
         .spawn(move || {
             let mut em = match EventManager::<Subscriber>::new() {
                 Ok(em) => em,
                 Err(e) => {
-                    tracing::error!("cannot create the device event loop: {e:?}");
+                    let _ = ready_tx.send(Err(format!("cannot create the epoll set: {e:?}")));
                     return;
                 }
             };
-            for s in subscribers {
-                em.add_subscriber(s);
+            let mut errors = Vec::new();
+            for (slot, s) in subscribers.into_iter().enumerate() {
+                em.add_subscriber(s.clone());
+                let dev = s.lock().unwrap_or_else(|e| e.into_inner());
+                if let Some(e) = dev.event_loop_error() {
+                    errors.push(format!(
+                        "virtio device type {} in slot {slot}: {e}",
+                        dev.device_type()
+                    ));
+                }
             }
+            if !errors.is_empty() {
+                let _ = ready_tx.send(Err(errors.join("; ")));
+                return;
+            }
+            let _ = ready_tx.send(Ok(()));
             while !stop.load(Ordering::Acquire) {
                 if let Err(e) = em.run_with_timeout(50) {
                     tracing::error!("device event loop: {e:?}");
@@ -466,6 +489,14 @@ fn start_event_loop(
                 }
             }
         })
+        .map_err(|e| format!("cannot start its thread: {e}"))?;
+    match ready.recv_timeout(EVENT_LOOP_READY_TIMEOUT) {
+        Ok(Ok(())) => Ok(thread),
+        Ok(Err(e)) => Err(e),
+        Err(_) => Err(format!(
+            "devices not registered within {EVENT_LOOP_READY_TIMEOUT:?}"
+        )),
+    }
 }
 
 static SIGNAL_EVT: OnceLock<EventFd> = OnceLock::new();
@@ -499,4 +530,38 @@ fn install_termination_signals() -> std::io::Result<EventFd> {
         .get()
         .ok_or_else(|| std::io::Error::other("signal eventfd missing"))?
         .try_clone()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn block() -> Subscriber {
+        let img = tempfile::NamedTempFile::new().unwrap();
+        img.as_file().set_len(1 << 20).unwrap();
+        let dev = Block::new(crate::devices::virtio::block::BlockConfig {
+            path: img.path().to_path_buf(),
+            read_only: true,
+            id: None,
+        })
+        .unwrap();
+        Arc::new(Mutex::new(dev))
+    }
+
+    #[test]
+    fn event_loop_starts_only_when_every_device_registered() {
+        let stop = Arc::new(AtomicBool::new(false));
+        let t = start_event_loop(vec![block(), block()], stop.clone()).unwrap();
+        stop.store(true, Ordering::Release);
+        t.join().unwrap();
+
+        // The same device twice: its second registration of the same eventfds fails (EEXIST),
+        // as any failure to register would, and the VM must not start with a deaf device.
+        let dev = block();
+        let stop = Arc::new(AtomicBool::new(false));
+        let e = start_event_loop(vec![dev.clone(), dev], stop).unwrap_err();
+        assert!(e.contains("virtio device type 2 in slot 1"), "{e}");
+        // The first failure is the one reported.
+        assert!(e.contains("cannot register the control eventfd"), "{e}");
+    }
 }

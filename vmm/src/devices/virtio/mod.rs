@@ -165,6 +165,12 @@ pub trait VirtioDevice: Send {
     fn needs_reset(&self) -> bool {
         false
     }
+    /// Why the device could not register its file descriptors with the event loop (in
+    /// `MutEventSubscriber::init`), if it could not. Such a device would never hear from its
+    /// queues, so the VM does not start.
+    fn event_loop_error(&self) -> Option<&str> {
+        None
+    }
 }
 
 /// Copies `config[offset..offset+data.len()]` into `data`, zero-filling whatever lies outside

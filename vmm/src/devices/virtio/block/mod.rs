@@ -176,6 +176,8 @@ pub struct Block {
     acked_features: u64,
     config: [u8; CONFIG_LEN],
     ctl_evt: EventFd,
+    /// What `init` could not register with the event loop (the VM then does not start).
+    loop_error: Option<String>,
     state: DeviceState<Active>,
     /// Queue eventfd clone currently registered with the event manager.
     registered: Option<EventFd>,
@@ -253,6 +255,7 @@ impl Block {
             acked_features: 0,
             config,
             ctl_evt,
+            loop_error: None,
             state: DeviceState::default(),
             registered: None,
             stats: BlockStats::default(),
@@ -587,16 +590,24 @@ impl VirtioDevice for Block {
     fn needs_reset(&self) -> bool {
         self.state.needs_reset()
     }
+
+    fn event_loop_error(&self) -> Option<&str> {
+        self.loop_error.as_deref()
+    }
 }
 
 impl MutEventSubscriber for Block {
     fn init(&mut self, ops: &mut EventOps) {
         if let Err(e) = ops.add(Events::with_data(&self.ctl_evt, EV_CTL, EventSet::IN)) {
-            warn!("virtio-blk: cannot register control eventfd: {e:?}");
+            self.loop_error = Some(format!("cannot register the control eventfd: {e:?}"));
         }
         let done = self.io.done_event();
         if let Err(e) = ops.add(Events::with_data(done, EV_DONE, EventSet::IN)) {
-            warn!("virtio-blk: cannot register I/O completion eventfd: {e:?}");
+            // Requests would never complete: the device would stop at the in-flight cap.
+            let path = self.path.display();
+            self.loop_error.get_or_insert_with(|| {
+                format!("cannot register the I/O completion eventfd of {path}: {e:?}")
+            });
         }
     }
 

@@ -145,6 +145,8 @@ pub struct Fs {
     acked_features: u64,
     config: [u8; CONFIG_LEN],
     ctl_evt: EventFd,
+    /// What `init` could not register with the event loop (the VM then does not start).
+    loop_error: Option<String>,
     active: Option<Active>,
     /// Call eventfd clones currently registered with the event manager.
     registered: Vec<EventFd>,
@@ -235,6 +237,7 @@ impl Fs {
             acked_features: 0,
             config,
             ctl_evt,
+            loop_error: None,
             active: None,
             registered: Vec::new(),
             socket_registered: false,
@@ -505,12 +508,16 @@ impl VirtioDevice for Fs {
     fn needs_reset(&self) -> bool {
         self.dead
     }
+
+    fn event_loop_error(&self) -> Option<&str> {
+        self.loop_error.as_deref()
+    }
 }
 
 impl MutEventSubscriber for Fs {
     fn init(&mut self, ops: &mut EventOps) {
         if let Err(e) = ops.add(Events::with_data(&self.ctl_evt, EV_CTL, EventSet::IN)) {
-            warn!("virtio-fs: cannot register control eventfd: {e:?}");
+            self.loop_error = Some(format!("cannot register the control eventfd: {e:?}"));
         }
         // Only hang-up matters: replies are read synchronously by whoever sent the request.
         match ops.add(Events::with_data_raw(
@@ -519,7 +526,10 @@ impl MutEventSubscriber for Fs {
             EventSet::READ_HANG_UP | EventSet::HANG_UP,
         )) {
             Ok(()) => self.socket_registered = true,
-            Err(e) => warn!("virtio-fs: cannot watch the daemon socket: {e:?}"),
+            Err(e) => {
+                self.loop_error
+                    .get_or_insert_with(|| format!("cannot watch the daemon socket: {e:?}"));
+            }
         }
     }
 

@@ -194,6 +194,8 @@ pub struct Net {
     avail_features: u64,
     acked_features: u64,
     ctl_evt: EventFd,
+    /// What `init` could not register with the event loop (the VM then does not start).
+    loop_error: Option<String>,
     state: DeviceState<Active>,
     /// Queue eventfd clones currently registered with the event manager (by index).
     registered: Vec<EventFd>,
@@ -246,6 +248,7 @@ impl Net {
             avail_features,
             acked_features: 0,
             ctl_evt,
+            loop_error: None,
             state: DeviceState::default(),
             registered: Vec::new(),
             tap_events: None,
@@ -1021,12 +1024,16 @@ impl VirtioDevice for Net {
     fn needs_reset(&self) -> bool {
         self.state.needs_reset()
     }
+
+    fn event_loop_error(&self) -> Option<&str> {
+        self.loop_error.as_deref()
+    }
 }
 
 impl MutEventSubscriber for Net {
     fn init(&mut self, ops: &mut EventOps) {
         if let Err(e) = ops.add(Events::with_data(&self.ctl_evt, EV_CTL, EventSet::IN)) {
-            warn!("virtio-net: cannot register control eventfd: {e:?}");
+            self.loop_error = Some(format!("cannot register the control eventfd: {e:?}"));
         }
     }
 

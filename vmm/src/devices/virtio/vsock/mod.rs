@@ -111,6 +111,8 @@ pub struct Vsock {
     config: [u8; 8],
     muxer: Muxer,
     ctl_evt: EventFd,
+    /// What `init` could not register with the event loop (the VM then does not start).
+    loop_error: Option<String>,
     state: DeviceState<Active>,
     /// Queue eventfd clones currently registered with the event manager (by index).
     registered: Vec<EventFd>,
@@ -134,6 +136,7 @@ impl Vsock {
             config: guest_cid.to_le_bytes(),
             muxer: Muxer::new(guest_cid, uds_path)?,
             ctl_evt,
+            loop_error: None,
             state: DeviceState::default(),
             registered: Vec::new(),
             muxer_registered: false,
@@ -406,12 +409,16 @@ impl VirtioDevice for Vsock {
     fn needs_reset(&self) -> bool {
         self.state.needs_reset()
     }
+
+    fn event_loop_error(&self) -> Option<&str> {
+        self.loop_error.as_deref()
+    }
 }
 
 impl MutEventSubscriber for Vsock {
     fn init(&mut self, ops: &mut EventOps) {
         if let Err(e) = ops.add(Events::with_data(&self.ctl_evt, EV_CTL, EventSet::IN)) {
-            warn!("vsock: cannot register control eventfd: {e:?}");
+            self.loop_error = Some(format!("cannot register the control eventfd: {e:?}"));
         }
     }
 
