@@ -518,8 +518,8 @@ fn format_vcpu(sample: usize, c: &serde_json::Value, syms: Option<&KernelSymbols
 
 /// The function symbols of a guest kernel (vmlinux), to name guest addresses in failure reports.
 pub struct KernelSymbols {
-    /// (address, name), sorted by address.
-    syms: Vec<(u64, String)>,
+    /// (address, size, name), sorted by address.
+    syms: Vec<(u64, u64, String)>,
 }
 
 impl KernelSymbols {
@@ -532,22 +532,29 @@ impl KernelSymbols {
         let data = std::fs::read(vmlinux).map_err(io("reading"))?;
         let elf = object::File::parse(&*data)
             .map_err(|e| io("parsing")(std::io::Error::new(std::io::ErrorKind::InvalidData, e)))?;
-        let mut syms: Vec<(u64, String)> = elf
+        let mut syms: Vec<(u64, u64, String)> = elf
             .symbols()
             .filter(|s| s.kind() == SymbolKind::Text && s.address() != 0)
-            .filter_map(|s| Some((s.address(), s.name().ok()?.to_owned())))
+            .filter_map(|s| Some((s.address(), s.size(), s.name().ok()?.to_owned())))
             .collect();
         syms.sort_unstable();
         Ok(Self { syms })
     }
 
-    /// `function+0xoffset` for a kernel text address, `?` for one before the first symbol.
+    /// `function+0xoffset` for a kernel text address, `?` for one before the first symbol. An
+    /// address past the end of the function before it (alignment padding: no code the kernel
+    /// ever jumps to) says so.
     pub fn name(&self, addr: u64) -> String {
-        match self.syms.partition_point(|(a, _)| *a <= addr) {
+        match self.syms.partition_point(|(a, _, _)| *a <= addr) {
             0 => "?".into(),
             i => {
-                let (start, name) = &self.syms[i - 1];
-                format!("{name}+{:#x}", addr - start)
+                let (start, size, name) = &self.syms[i - 1];
+                let off = addr - start;
+                if *size > 0 && off >= *size {
+                    format!("{name}+{off:#x} (past its end: in no function)")
+                } else {
+                    format!("{name}+{off:#x}")
+                }
             }
         }
     }
@@ -734,10 +741,10 @@ mod tests {
         // This test binary is an ELF file with symbols, like vmlinux.
         let syms = KernelSymbols::load(&std::env::current_exe().unwrap()).unwrap();
         // Look the function up by name (a PIE binary runs relocated, so not by its runtime address).
-        let (start, _) = syms
+        let (start, _, _) = syms
             .syms
             .iter()
-            .find(|(_, n)| n.contains("a_function_to_find"))
+            .find(|(_, _, n)| n.contains("a_function_to_find"))
             .expect("the test function is in the symbol table")
             .clone();
         assert!(syms.name(start + 3).contains("a_function_to_find"));
@@ -751,8 +758,8 @@ mod tests {
     fn vcpu_lines_name_the_function_and_the_interrupt_flag() {
         let syms = KernelSymbols {
             syms: vec![
-                (0x1000, "default_idle".into()),
-                (0x2000, "blk_mq_poll".into()),
+                (0x1000, 0x40, "default_idle".into()),
+                (0x2000, 0, "blk_mq_poll".into()),
             ],
         };
         let c =
@@ -764,6 +771,11 @@ mod tests {
         let c =
             serde_json::json!({"id": 0, "mp_state": "runnable", "rip": "0x2001", "rflags": "0x46"});
         assert!(format_vcpu(0, &c, Some(&syms)).contains("blk_mq_poll+0x1 interrupts=off"));
+        // Seen in the test host: a guest stuck at an address in the int3 padding after a function.
+        assert_eq!(
+            syms.name(0x1050),
+            "default_idle+0x50 (past its end: in no function)"
+        );
     }
 
     #[test]

@@ -45,7 +45,9 @@ fn state_pause_resume_stats_and_graceful_stop() {
     let p = vm.control(r#"{"op":"pause"}"#).unwrap();
     assert_eq!(p["state"], "paused", "{p}");
     assert_eq!(vm.control(r#"{"op":"state"}"#).unwrap()["state"], "paused");
-    // Each parked vCPU left its registers: an idle Linux guest in 64-bit mode, in kernel text.
+    // Each parked vCPU left its registers: an idle Linux guest in 64-bit mode, inside a function
+    // of its kernel (the idle loop, or an interrupt handler that woke it).
+    let syms = husk_tests::KernelSymbols::load(&vm_test_setup().kernel).unwrap();
     let v = vm.control(r#"{"op":"vcpus"}"#).unwrap();
     let vcpus = v["vcpus"].as_array().unwrap_or_else(|| panic!("{v}"));
     assert_eq!(vcpus.len(), 2, "{v}");
@@ -60,6 +62,12 @@ fn state_pause_resume_stats_and_graceful_stop() {
             reg("rip") >= 0xffff_ffff_8000_0000,
             "rip outside kernel text: {v}"
         );
+        let f = syms.name(reg("rip"));
+        assert!(
+            !f.starts_with('?') && !f.contains("past its end"),
+            "{f}: {v}"
+        );
+        eprintln!("vcpu{i} paused at {f} ({})", c["mp_state"]);
         assert_ne!(reg("efer") & (1 << 10), 0, "EFER.LMA: {v}");
         assert_ne!(reg("cr3"), 0, "{v}");
     }
