@@ -135,8 +135,9 @@ $(BENCH_INITRD): tests/images/bench-initrd.sh tests/images/bench-guest.sh $(BENC
 
 bench-image: build testhost $(BENCH_INITRD)
 
+# Five device rounds take ~25 min in L1, and each failed attempt a few more: L1 gets 90 min.
 bench: guest testhost $(BENCH_INITRD)
-	$(TESTHOST) target/release/husk-bench --out target/bench/results.json
+	HUSK_TESTHOST_TIMEOUT=$${HUSK_TESTHOST_TIMEOUT:-5400} $(TESTHOST) target/release/husk-bench --out target/bench/results.json
 
 demo: deps guest testhost images
 	$(TESTHOST) target/release/husk-demo
