@@ -450,6 +450,10 @@ impl VmProcess {
         syms: Option<&KernelSymbols>,
     ) -> String {
         let mut out = String::new();
+        // KVM's counters of each vCPU in the first and the last sample.
+        let mut first: Vec<serde_json::Value> = Vec::new();
+        let mut last: Vec<serde_json::Value> = Vec::new();
+        let started = Instant::now();
         for i in 0..samples {
             if i > 0 {
                 std::thread::sleep(every);
@@ -460,15 +464,27 @@ impl VmProcess {
             let _ = self.control(r#"{"op":"resume"}"#);
             match answer {
                 Ok(v) => {
-                    for c in v["vcpus"].as_array().into_iter().flatten() {
+                    let vcpus = v["vcpus"].as_array().cloned().unwrap_or_default();
+                    for c in &vcpus {
                         out.push_str(&format_vcpu(i, c, syms));
                     }
                     if v["ok"] != true {
                         out.push_str(&format!("sample {i}: {v}\n"));
                     }
+                    if first.is_empty() {
+                        first = vcpus.iter().map(|c| c["kvm_stats"].clone()).collect();
+                    }
+                    last = vcpus.iter().map(|c| c["kvm_stats"].clone()).collect();
                 }
                 Err(e) => out.push_str(&format!("sample {i}: {e}\n")),
             }
+        }
+        let span = started.elapsed();
+        for (id, (a, b)) in first.iter().zip(&last).enumerate() {
+            out.push_str(&format!(
+                "vcpu{id} KVM counters that grew over {span:.1?}: {}\n",
+                grown_counters(a, b)
+            ));
         }
         out
     }
@@ -490,6 +506,33 @@ impl Drop for VmProcess {
             self.kill();
         }
     }
+}
+
+/// The counters of `after` that grew since `before` (both `kvm_stats` objects of a `vcpus`
+/// answer), largest growth first, at most 15.
+fn grown_counters(before: &serde_json::Value, after: &serde_json::Value) -> String {
+    let Some(after) = after.as_object() else {
+        return "none reported".into();
+    };
+    let mut grown: Vec<(u64, &str)> = after
+        .iter()
+        .filter_map(|(name, v)| {
+            let d = v
+                .as_u64()?
+                .checked_sub(before[name].as_u64().unwrap_or(0))?;
+            (d > 0).then_some((d, name.as_str()))
+        })
+        .collect();
+    grown.sort_unstable_by(|a, b| b.0.cmp(&a.0).then(a.1.cmp(b.1)));
+    if grown.is_empty() {
+        return "none".into();
+    }
+    grown
+        .iter()
+        .take(15)
+        .map(|(d, n)| format!("{n} +{d}"))
+        .collect::<Vec<_>>()
+        .join(", ")
 }
 
 /// One line for one vCPU of a `vcpus` control answer.
@@ -775,6 +818,22 @@ mod tests {
         assert_eq!(
             syms.name(0x1050),
             "default_idle+0x50 (past its end: in no function)"
+        );
+    }
+
+    #[test]
+    fn counters_that_grew_come_largest_first() {
+        let before = serde_json::json!({"exits": 10, "pf_taken": 5, "halt_exits": 3});
+        let after =
+            serde_json::json!({"exits": 510, "pf_taken": 505, "halt_exits": 3, "new_one": 2});
+        assert_eq!(
+            grown_counters(&before, &after),
+            "exits +500, pf_taken +500, new_one +2"
+        );
+        assert_eq!(grown_counters(&after, &after), "none");
+        assert_eq!(
+            grown_counters(&before, &serde_json::Value::Null),
+            "none reported"
         );
     }
 

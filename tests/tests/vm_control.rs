@@ -70,6 +70,8 @@ fn state_pause_resume_stats_and_graceful_stop() {
         eprintln!("vcpu{i} paused at {f} ({})", c["mp_state"]);
         assert_ne!(reg("efer") & (1 << 10), 0, "EFER.LMA: {v}");
         assert_ne!(reg("cr3"), 0, "{v}");
+        // KVM's counters of the vCPU (the test host's kernel has KVM_GET_STATS_FD).
+        assert!(c["kvm_stats"]["exits"].as_u64().unwrap_or(0) > 0, "{v}");
     }
     let r = vm.control(r#"{"op":"resume"}"#).unwrap();
     assert_eq!(r["state"], "running", "{r}");

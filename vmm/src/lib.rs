@@ -11,6 +11,7 @@ pub mod config;
 pub mod control;
 pub mod devices;
 pub mod exit;
+pub mod kvm_stats;
 pub mod memory;
 pub mod supervisor;
 pub mod vcpu;

@@ -72,6 +72,9 @@ pub struct VcpuSnapshot {
     /// Why the registers could not be read, if they could not (the numbers are then 0).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub error: Option<String>,
+    /// KVM's counters for this vCPU ([`crate::kvm_stats`]); empty where the kernel has none.
+    #[serde(skip_serializing_if = "BTreeMap::is_empty")]
+    pub kvm_stats: BTreeMap<String, u64>,
 }
 
 fn hex<S: serde::Serializer>(v: &u64, s: S) -> Result<S::Ok, S::Error> {
@@ -262,6 +265,7 @@ impl Vcpu {
             cr4: 0,
             efer: 0,
             error: None,
+            kvm_stats: crate::kvm_stats::read_vcpu_stats(&self.fd).unwrap_or_default(),
         };
         match (self.fd.get_regs(), self.fd.get_sregs()) {
             (Ok(r), Ok(sr)) => {
@@ -359,6 +363,7 @@ mod tests {
             cr4: 0,
             efer: 0,
             error: None,
+            kvm_stats: BTreeMap::from([("exits".to_string(), 5)]),
         }
     }
 
@@ -396,6 +401,7 @@ mod tests {
         assert_eq!(json["rip"], "0x1007");
         assert_eq!(json["mp_state"], "runnable");
         assert!(json.get("error").is_none());
+        assert_eq!(json["kvm_stats"]["exits"], 5);
         stop.store(true, Ordering::Release);
         gate.wake_all();
         t.join().unwrap();
