@@ -46,7 +46,7 @@ const STUCK_SAMPLE_EVERY: Duration = Duration::from_millis(300);
 const ATTEMPTS_PER_ROUND: usize = 2;
 
 /// One boot of the benchmark image.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone, Copy, serde::Serialize, serde::Deserialize)]
 struct VmSample {
     seq_mbps: f64,
     seq_iops: f64,
@@ -56,7 +56,7 @@ struct VmSample {
     fs: Option<FsSample>,
 }
 
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone, Copy, serde::Serialize, serde::Deserialize)]
 struct FsSample {
     read_mbps: f64,
     /// Microseconds per lstat.
@@ -436,49 +436,101 @@ pub struct DeviceResults {
     failed: Vec<usize>,
 }
 
+/// Kept rounds and failed attempts so far, saved after every attempt when `HUSK_BENCH_PROGRESS`
+/// names a file: when L1 itself dies mid-run (its kernel has oopsed and hung under TCG), `make
+/// bench` boots a new L1 and the run goes on from there. Each round pairs both peers on one L1, so
+/// rounds from different L1 boots stay comparable. `key` ties the file to one commit and setting.
+#[derive(Default, serde::Serialize, serde::Deserialize)]
+struct Progress {
+    key: String,
+    husk: Vec<VmSample>,
+    qemu: Vec<VmSample>,
+    host: Vec<FsSample>,
+    hop_us: Vec<f64>,
+    failed: Vec<usize>,
+    attempts: usize,
+}
+
+impl Progress {
+    fn load(path: Option<&Path>, key: &str) -> Self {
+        let saved = path
+            .and_then(|p| std::fs::read(p).ok())
+            .and_then(|b| serde_json::from_slice::<Progress>(&b).ok())
+            .filter(|p| p.key == key);
+        match saved {
+            Some(p) => {
+                eprintln!(
+                    "[bench] devices: going on from {} kept rounds and {} attempts of an earlier L1",
+                    p.husk.len(),
+                    p.attempts
+                );
+                p
+            }
+            None => Progress {
+                key: key.to_string(),
+                ..Progress::default()
+            },
+        }
+    }
+
+    fn save(&self, path: Option<&Path>) -> anyhow::Result<()> {
+        let Some(path) = path else { return Ok(()) };
+        let tmp = path.with_extension("tmp");
+        std::fs::write(&tmp, serde_json::to_vec(self)?)
+            .with_context(|| format!("writing {}", tmp.display()))?;
+        std::fs::rename(&tmp, path).with_context(|| format!("renaming to {}", path.display()))
+    }
+}
+
 pub fn run(a: &Artifacts, runs: usize, secs: u32) -> anyhow::Result<DeviceResults> {
     let setup = Setup::new(a, secs)?;
-    let (mut husk, mut qemu, mut host) = (Vec::new(), Vec::new(), Vec::new());
-    let mut hop_us = Vec::new();
-    let mut failed = Vec::new();
+    let progress_path = std::env::var_os("HUSK_BENCH_PROGRESS").map(PathBuf::from);
+    let key = format!(
+        "commit={} runs={runs} secs={secs}",
+        std::env::var("HUSK_BENCH_COMMIT").unwrap_or_else(|_| "unknown".into())
+    );
+    let mut p = Progress::load(progress_path.as_deref(), &key);
     let max_attempts = runs * ATTEMPTS_PER_ROUND;
-    let mut attempt = 0;
-    while husk.len() < runs && attempt < max_attempts {
-        attempt += 1;
+    while p.husk.len() < runs && p.attempts < max_attempts {
+        p.attempts += 1;
+        let attempt = p.attempts;
         // QEMU first in every other kept round.
-        match run_round(&setup, a, attempt, husk.len() % 2 == 1) {
+        match run_round(&setup, a, attempt, p.husk.len() % 2 == 1) {
             Ok((h, q, fs)) => {
                 eprintln!(
                     "[bench] devices round {}/{runs} (attempt {attempt}): husk {h:?} qemu {q:?} host fs {fs:?}",
-                    husk.len() + 1
+                    p.husk.len() + 1
                 );
-                husk.push(h);
-                qemu.push(q);
-                host.push(fs);
-                hop_us.push(super::eventfd_hop::median_hop_us(HOP_TRIPS)?);
+                p.husk.push(h);
+                p.qemu.push(q);
+                p.host.push(fs);
+                p.hop_us.push(super::eventfd_hop::median_hop_us(HOP_TRIPS)?);
             }
             // A guest that dies under nested emulation (it happens to either peer, rarely)
             // costs its attempt, not the run: the attempt is dropped whole so the peers stay
             // paired, and another one is made.
             Err(e) => {
                 eprintln!("[bench] devices attempt {attempt}/{max_attempts} FAILED: {e:#}");
-                failed.push(attempt);
+                p.failed.push(attempt);
             }
         }
+        p.save(progress_path.as_deref())?;
     }
-    if husk.len() * 2 <= runs {
+    if p.husk.len() * 2 <= runs {
         bail!(
-            "device benchmark: only {} of {attempt} attempts finished ({failed:?} failed); see the messages above",
-            husk.len()
+            "device benchmark: only {} of {} attempts finished ({:?} failed); see the messages above",
+            p.husk.len(),
+            p.attempts,
+            p.failed
         );
     }
     Ok(DeviceResults {
-        husk,
-        qemu,
-        host,
-        hop_us,
+        husk: p.husk,
+        qemu: p.qemu,
+        host: p.host,
+        hop_us: p.hop_us,
         secs,
-        failed,
+        failed: p.failed,
     })
 }
 
