@@ -141,8 +141,9 @@ bench-image: build testhost $(BENCH_INITRD)
 BENCH_PROGRESS := target/bench/devices-progress.json
 bench: guest testhost $(BENCH_INITRD)
 	@mkdir -p target/bench && rm -f $(BENCH_PROGRESS)
-	@for boot in 1 2 3; do \
-		HUSK_BENCH_PROGRESS=$(BENCH_PROGRESS) HUSK_BENCH_COMMIT=$$(git describe --always --dirty 2>/dev/null || echo unknown) \
+	@commit=$$(git describe --always --dirty 2>/dev/null || echo unknown); \
+	for boot in 1 2 3; do \
+		HUSK_BENCH_PROGRESS=$(BENCH_PROGRESS) HUSK_BENCH_COMMIT=$$commit \
 		HUSK_TESTHOST_TIMEOUT=$${HUSK_TESTHOST_TIMEOUT:-5400} $(TESTHOST) target/release/husk-bench --out target/bench/results.json; \
 		status=$$?; [ $$status -eq 125 ] || exit $$status; \
 		echo "[bench] L1 died (testhost status 125) after boot $$boot of 3" >&2; \
