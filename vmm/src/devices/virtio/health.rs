@@ -16,8 +16,11 @@
 use std::num::Wrapping;
 use std::sync::atomic::Ordering;
 
+use event_manager::{EventOps, Events};
 use tracing::{debug, warn};
 use virtio_queue::{DescriptorChain, Queue, QueueOwnedT, QueueT};
+use vmm_sys_util::epoll::EventSet;
+use vmm_sys_util::eventfd::EventFd;
 
 use super::{GuestMemory, IrqTrigger, VIRTIO_MMIO_INT_CONFIG};
 
@@ -87,6 +90,11 @@ pub enum RingError {
     },
     #[error("queue {queue}: the ring claims more available entries, but none can be taken")]
     Stuck { queue: usize },
+    /// Host side, at activation: the event loop could not watch a queue's notification eventfd
+    /// or the device's backend (no fds or memory left). The device would sit deaf; failing it
+    /// makes that visible in its status, and a reset by the driver tries again.
+    #[error("the event loop cannot watch {what}: {reason}")]
+    Unwatched { what: String, reason: String },
 }
 
 /// Takes the next available chain of queue `index`: `Ok(None)` if there is none, an error if the
@@ -186,6 +194,24 @@ pub fn rearm(
         }
     }
     Ok(true)
+}
+
+/// Watches queue `queue`'s notification eventfd on the event loop, delivered as `data`; returns the
+/// clone that is registered, which the device keeps to unregister later.
+pub fn watch_queue(
+    ops: &mut EventOps,
+    evt: &EventFd,
+    queue: usize,
+    data: u32,
+) -> Result<EventFd, RingError> {
+    let unwatched = |reason| RingError::Unwatched {
+        what: format!("queue {queue}'s notifications"),
+        reason,
+    };
+    let clone = evt.try_clone().map_err(|e| unwatched(e.to_string()))?;
+    ops.add(Events::with_data(&clone, data, EventSet::IN))
+        .map_err(|e| unwatched(format!("{e:?}")))?;
+    Ok(clone)
 }
 
 /// Tells the driver it need not notify us (we are draining the ring anyway).

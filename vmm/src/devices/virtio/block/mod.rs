@@ -371,12 +371,12 @@ impl Block {
         let Some(a) = self.state.active() else {
             return;
         };
-        match a.evt.try_clone() {
-            Ok(clone) => match ops.add(Events::with_data(&clone, EV_QUEUE, EventSet::IN)) {
-                Ok(()) => self.registered = Some(clone),
-                Err(e) => warn!("virtio-blk: cannot register queue eventfd: {e:?}"),
-            },
-            Err(e) => warn!("virtio-blk: cannot clone queue eventfd: {e}"),
+        match health::watch_queue(ops, &a.evt, REQUEST_QUEUE, EV_QUEUE) {
+            Ok(clone) => self.registered = Some(clone),
+            Err(e) => {
+                self.state.fail("virtio-blk", &e);
+                return;
+            }
         }
         // The driver may have queued requests before we were watching.
         self.process_queue();

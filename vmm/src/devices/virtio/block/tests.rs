@@ -17,6 +17,7 @@ use vm_memory::{Bytes, GuestAddress};
 use super::*;
 use crate::devices::bus::BusDevice;
 use crate::devices::virtio::mmio::MmioTransport;
+use crate::devices::virtio::status::DEVICE_NEEDS_RESET;
 use crate::devices::virtio::test_utils::{
     test_memory, EventLoop, GuestQueue, VRING_DESC_F_NEXT, VRING_DESC_F_WRITE,
 };
@@ -536,6 +537,40 @@ fn batch_is_interrupted_once_and_reset_stops_the_device() {
 
 /// The whole stack as the VMM wires it: MMIO registers, an event manager thread, notifications
 /// through the transport and interrupts through the irq eventfd.
+/// Writes MMIO register `off` of the transport, as the driver does.
+fn w(t: &mut MmioTransport, off: u64, v: u32) {
+    t.write(off, &v.to_le_bytes());
+}
+
+/// Reads MMIO register `off` of the transport.
+fn r(t: &mut MmioTransport, off: u64) -> u32 {
+    let mut b = [0u8; 4];
+    t.read(off, &mut b);
+    u32::from_le_bytes(b)
+}
+
+/// Plays the driver from reset up to `FEATURES_OK` with queue 0 set up on `q` and ready; the
+/// caller writes `DRIVER_OK`. Returns the features the device offered (low word).
+fn bring_up(t: &mut MmioTransport, q: &GuestQueue) -> u32 {
+    w(t, 0x70, 1);
+    w(t, 0x70, 3);
+    w(t, 0x14, 0);
+    let offered = r(t, 0x10);
+    w(t, 0x24, 0);
+    w(t, 0x20, offered);
+    w(t, 0x24, 1);
+    w(t, 0x20, 1); // VIRTIO_F_VERSION_1
+    w(t, 0x70, 11);
+    let (d, a, u) = q.addrs();
+    w(t, 0x30, 0);
+    w(t, 0x38, u32::from(q.size()));
+    w(t, 0x80, d as u32);
+    w(t, 0x90, a as u32);
+    w(t, 0xa0, u as u32);
+    w(t, 0x44, 1);
+    offered
+}
+
 #[test]
 fn event_manager_drives_device_through_mmio_transport() {
     let img = image(SECTORS);
@@ -551,31 +586,10 @@ fn event_manager_drives_device_through_mmio_transport() {
     let mut t = MmioTransport::new(mem.clone(), blk.clone()).unwrap();
     let event_loop = EventLoop::start(blk.clone());
 
-    let w = |t: &mut MmioTransport, off: u64, v: u32| t.write(off, &v.to_le_bytes());
-    let r = |t: &mut MmioTransport, off: u64| {
-        let mut b = [0u8; 4];
-        t.read(off, &mut b);
-        u32::from_le_bytes(b)
-    };
     assert_eq!(r(&mut t, 0x08), 2);
     assert_eq!(r(&mut t, 0x100), SECTORS as u32);
     let mut q = GuestQueue::new(&mem, GuestAddress(0x1000), 64);
-    w(&mut t, 0x70, 1);
-    w(&mut t, 0x70, 3);
-    w(&mut t, 0x14, 0);
-    let offered = r(&mut t, 0x10);
-    w(&mut t, 0x24, 0);
-    w(&mut t, 0x20, offered);
-    w(&mut t, 0x24, 1);
-    w(&mut t, 0x20, 1); // VIRTIO_F_VERSION_1
-    w(&mut t, 0x70, 11);
-    let (d, a, u) = q.addrs();
-    w(&mut t, 0x30, 0);
-    w(&mut t, 0x38, 64);
-    w(&mut t, 0x80, d as u32);
-    w(&mut t, 0x90, a as u32);
-    w(&mut t, 0xa0, u as u32);
-    w(&mut t, 0x44, 1);
+    let offered = bring_up(&mut t, &q);
     w(&mut t, 0x70, 15);
     assert_eq!(t.status(), 15);
     assert_eq!(
@@ -653,6 +667,116 @@ fn event_manager_drives_device_through_mmio_transport() {
 
     w(&mut t, 0x70, 0);
     assert!(!blk.lock().unwrap().is_active());
+    event_loop.stop();
+}
+
+/// At activation the VMM runs out of file descriptors, so the event loop cannot watch the queue:
+/// the device reports `DEVICE_NEEDS_RESET` (with a config interrupt) instead of sitting deaf, and
+/// after a reset, with descriptors available again, it serves requests. RLIMIT_NOFILE is per
+/// process, so the test runs itself again in a child process.
+#[test]
+fn queue_the_event_loop_cannot_watch_needs_reset() {
+    const CHILD: &str = "HUSK_TEST_NO_FDS_CHILD";
+    if std::env::var_os(CHILD).is_none() {
+        let name = format!(
+            "{}::queue_the_event_loop_cannot_watch_needs_reset",
+            module_path!().split_once("::").unwrap().1
+        );
+        let out = std::process::Command::new(std::env::current_exe().unwrap())
+            .args([name.as_str(), "--exact", "--nocapture", "--test-threads=1"])
+            .env(CHILD, "1")
+            .output()
+            .unwrap();
+        let text = format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        assert!(
+            out.status.success() && text.contains("1 passed"),
+            "child test: {text}"
+        );
+        return;
+    }
+
+    let img = image(SECTORS);
+    let blk = Arc::new(Mutex::new(
+        Block::new(BlockConfig {
+            path: img.path().to_path_buf(),
+            read_only: false,
+            id: Some("serial-1".into()),
+        })
+        .unwrap(),
+    ));
+    let mem = test_memory();
+    let mut t = MmioTransport::new(mem.clone(), blk.clone()).unwrap();
+    let event_loop = EventLoop::start(blk.clone());
+    let mut q = GuestQueue::new(&mem, GuestAddress(0x1000), 64);
+    bring_up(&mut t, &q);
+
+    // Take every descriptor number up to the highest one open now.
+    let highest = std::fs::read_dir("/proc/self/fd")
+        .unwrap()
+        .filter_map(|e| e.ok()?.file_name().to_str()?.parse::<u64>().ok())
+        .max()
+        .unwrap();
+    let mut old = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit writes into the struct we own.
+    assert_eq!(unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut old) }, 0);
+    let tight = libc::rlimit {
+        rlim_cur: highest + 1,
+        rlim_max: old.rlim_max,
+    };
+    // SAFETY: setrlimit only reads the struct; this process is the child running this test alone.
+    assert_eq!(unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &tight) }, 0);
+    let mut fillers = Vec::new();
+    while let Ok(f) = std::fs::File::open("/dev/null") {
+        fillers.push(f);
+    }
+    // One descriptor left: the transport's copy of the queue eventfd at activation takes it, so
+    // the device's own registration is what runs out.
+    fillers.pop();
+
+    w(&mut t, 0x70, 15);
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while !blk.lock().unwrap().needs_reset() {
+        assert!(Instant::now() < deadline, "the device never failed");
+        thread::sleep(Duration::from_millis(2));
+    }
+    assert_eq!(r(&mut t, 0x70) & DEVICE_NEEDS_RESET, DEVICE_NEEDS_RESET);
+    assert_eq!(
+        r(&mut t, 0x60) & VIRTIO_MMIO_INT_CONFIG,
+        VIRTIO_MMIO_INT_CONFIG
+    );
+
+    drop(fillers);
+    // SAFETY: as above.
+    assert_eq!(unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &old) }, 0);
+    w(&mut t, 0x70, 0);
+    q = GuestQueue::new(&mem, GuestAddress(0x1000), 64);
+    bring_up(&mut t, &q);
+    w(&mut t, 0x70, 15);
+    assert_eq!(t.status(), 15);
+    let mut hdr = [0u8; 16];
+    hdr[0..4].copy_from_slice(&VIRTIO_BLK_T_GET_ID.to_le_bytes());
+    mem.write_slice(&hdr, GuestAddress(HDR)).unwrap();
+    let head = q.add_chain(&[(HDR, 16, false), (DATA, 20, true), (STATUS, 1, true)]);
+    w(&mut t, 0x50, 0);
+    let deadline = Instant::now() + Duration::from_secs(5);
+    let used = loop {
+        if let Some(u) = q.pop_used() {
+            break u;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "request after the reset never completed"
+        );
+        thread::sleep(Duration::from_millis(2));
+    };
+    assert_eq!(used, (u32::from(head), 21));
     event_loop.stop();
 }
 

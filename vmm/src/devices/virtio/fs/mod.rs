@@ -34,6 +34,7 @@ use vm_memory::{GuestAddress, GuestMemoryBackend};
 use vmm_sys_util::epoll::EventSet;
 use vmm_sys_util::eventfd::EventFd;
 
+use super::health;
 use super::{
     check_activation, read_config_bytes, ActivateError, GuestMemory, IrqTrigger, VirtioDevice,
     VIRTIO_F_VERSION_1, VIRTIO_MMIO_INT_CONFIG, VIRTIO_MMIO_INT_VRING,
@@ -329,11 +330,17 @@ impl Fs {
 
     /// The daemon is gone or misbehaved: stop forwarding, tell the driver, keep the VMM running.
     fn mark_dead(&mut self, why: &str) {
+        self.fail(&format!("daemon failed ({why})"));
+    }
+
+    /// The device cannot go on (its daemon, or the VMM's side of the forwarding): stop
+    /// forwarding and report `DEVICE_NEEDS_RESET` until the driver resets it.
+    fn fail(&mut self, what: &str) {
         if self.dead {
             return;
         }
         self.dead = true;
-        error!(socket = %self.socket.display(), tag = self.tag, "virtio-fs: daemon failed ({why}); the device needs a reset");
+        error!(socket = %self.socket.display(), tag = self.tag, "virtio-fs: {what}; the device needs a reset");
         if let Some(a) = &self.active {
             if let Err(e) = a.irq.trigger(VIRTIO_MMIO_INT_CONFIG) {
                 warn!("virtio-fs: cannot raise config interrupt: {e}");
@@ -367,18 +374,19 @@ impl Fs {
             }
             self.socket_registered = false;
         }
-        let Some(a) = self.active.as_ref() else {
+        // A failed device forwards nothing more (and this cannot recurse again below).
+        let Some(a) = self.active.as_ref().filter(|_| !self.dead) else {
             return;
         };
         for (i, evt) in a.calls.iter().enumerate() {
-            match evt.try_clone() {
-                Ok(clone) => {
-                    match ops.add(Events::with_data(&clone, EV_CALL + i as u32, EventSet::IN)) {
-                        Ok(()) => self.registered.push(clone),
-                        Err(e) => warn!("virtio-fs: cannot register call eventfd: {e:?}"),
-                    }
+            match health::watch_queue(ops, evt, i, EV_CALL + i as u32) {
+                Ok(clone) => self.registered.push(clone),
+                Err(e) => {
+                    // The daemon's completions for this queue would never reach the guest.
+                    self.fail(&e.to_string());
+                    self.sync_registrations(ops);
+                    return;
                 }
-                Err(e) => warn!("virtio-fs: cannot clone call eventfd: {e}"),
             }
         }
         // The daemon may have used buffers before we were watching.

@@ -389,28 +389,34 @@ impl Net {
         let Some(a) = self.state.active() else {
             return;
         };
+        let mut failure = None;
         for (i, evt) in a.evts.iter().enumerate() {
-            let clone = match evt.try_clone() {
-                Ok(c) => c,
+            match health::watch_queue(ops, evt, i, EV_RXQ + i as u32) {
+                Ok(clone) => self.registered.push(clone),
                 Err(e) => {
-                    warn!(queue = i, "virtio-net: cannot clone queue eventfd: {e}");
-                    continue;
+                    failure = Some(e);
+                    break;
                 }
-            };
-            match ops.add(Events::with_data(&clone, EV_RXQ + i as u32, EventSet::IN)) {
-                Ok(()) => self.registered.push(clone),
-                Err(e) => warn!(
-                    queue = i,
-                    "virtio-net: cannot register queue eventfd: {e:?}"
-                ),
             }
         }
-        if !self.tap_failed {
+        if failure.is_none() && !self.tap_failed {
             let want = self.desired_tap_events();
             match ops.add(Events::with_data(&self.tap, EV_TAP, want)) {
                 Ok(()) => self.tap_events = Some(want),
-                Err(e) => warn!("virtio-net: cannot register tap: {e:?}"),
+                Err(e) => {
+                    failure = Some(RingError::Unwatched {
+                        what: "the tap".into(),
+                        reason: format!("{e:?}"),
+                    })
+                }
             }
+        }
+        if let Some(e) = failure {
+            self.state.fail("virtio-net", &e);
+            self.after_ring_use(true);
+            // No longer active: this only takes back what was registered.
+            self.sync_registrations(ops);
+            return;
         }
         // The driver may have queued frames and buffers before we were watching.
         self.process_tx();

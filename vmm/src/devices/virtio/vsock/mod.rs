@@ -235,26 +235,37 @@ impl Vsock {
         let Some(a) = self.state.active() else {
             return;
         };
+        let mut failure = None;
         for (i, evt) in a.evts.iter().enumerate() {
-            let clone = match evt.try_clone() {
-                Ok(c) => c,
+            match health::watch_queue(ops, evt, i, EV_RXQ + i as u32) {
+                Ok(clone) => self.registered.push(clone),
                 Err(e) => {
-                    warn!(queue = i, "vsock: cannot clone queue eventfd: {e}");
-                    continue;
+                    failure = Some(e);
+                    break;
                 }
-            };
-            match ops.add(Events::with_data(&clone, EV_RXQ + i as u32, EventSet::IN)) {
-                Ok(()) => self.registered.push(clone),
-                Err(e) => warn!(queue = i, "vsock: cannot register queue eventfd: {e:?}"),
             }
         }
-        match ops.add(Events::with_data_raw(
-            self.muxer.epoll_fd(),
-            EV_MUXER,
-            EventSet::IN,
-        )) {
-            Ok(()) => self.muxer_registered = true,
-            Err(e) => warn!("vsock: cannot register muxer: {e:?}"),
+        if failure.is_none() {
+            match ops.add(Events::with_data_raw(
+                self.muxer.epoll_fd(),
+                EV_MUXER,
+                EventSet::IN,
+            )) {
+                Ok(()) => self.muxer_registered = true,
+                Err(e) => {
+                    failure = Some(RingError::Unwatched {
+                        what: "the connection muxer".into(),
+                        reason: format!("{e:?}"),
+                    })
+                }
+            }
+        }
+        if let Some(e) = failure {
+            self.state.fail("vsock", &e);
+            self.after_ring_use(true);
+            // No longer active: this only takes back what was registered.
+            self.sync_registrations(ops);
+            return;
         }
         // The driver may have queued packets before we were watching.
         self.process_tx();
