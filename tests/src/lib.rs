@@ -34,6 +34,8 @@ pub enum HarnessError {
     Timeout(String),
     #[error("agent: {0}")]
     Agent(#[from] husk_proto::client::ClientError),
+    #[error("husk-vmm exited ({status}) before the agent answered; its stderr:\n{stderr}")]
+    VmmExited { status: ExitStatus, stderr: String },
     #[error("{what}: {source}")]
     Io {
         what: String,
@@ -251,28 +253,90 @@ impl VmProcess {
     }
 
     /// Waits until the agent answers a Ping through the VM's hybrid vsock socket.
-    pub async fn connect_agent(&self, timeout: Duration) -> Result<AgentClient, HarnessError> {
+    pub async fn connect_agent(&mut self, timeout: Duration) -> Result<AgentClient, HarnessError> {
         let opts = ClientOptions {
             retry_initial_backoff: Duration::from_millis(5),
             retry_max_backoff: Duration::from_millis(50),
             ..Default::default()
         };
+        self.connect_agent_with(opts, timeout).await
+    }
+
+    /// [`Self::connect_agent`] with the client's options (per-call deadlines, backoff). Stops
+    /// waiting as soon as the VMM exits: a guest that died does not cost the whole `timeout`.
+    pub async fn connect_agent_with(
+        &mut self,
+        opts: ClientOptions,
+        timeout: Duration,
+    ) -> Result<AgentClient, HarnessError> {
         let deadline = Instant::now() + timeout;
-        // The socket appears once the VMM has set up its devices.
-        while !self.vsock_path().exists() {
-            if Instant::now() > deadline {
-                return Err(HarnessError::Timeout(format!(
-                    "{} never appeared; console:\n{}",
-                    self.vsock_path().display(),
-                    self.console()
-                )));
+        let path = self.vsock_path();
+        let connect = async {
+            // The socket appears once the VMM has set up its devices.
+            while !path.exists() {
+                if Instant::now() > deadline {
+                    return Err(HarnessError::Timeout(format!(
+                        "{} never appeared",
+                        path.display()
+                    )));
+                }
+                tokio::time::sleep(Duration::from_millis(5)).await;
             }
-            tokio::time::sleep(Duration::from_millis(5)).await;
+            Ok(AgentClient::connect_with_retry(&path, AGENT_VSOCK_PORT, opts, deadline).await?)
+        };
+        let child = &mut self.child;
+        let exit = async {
+            loop {
+                if let Ok(Some(status)) = child.try_wait() {
+                    return status;
+                }
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        };
+        let result = match tokio::select! {
+            r = connect => Ok(r),
+            status = exit => Err(status),
+        } {
+            Ok(r) => r,
+            Err(status) => Err(HarnessError::VmmExited {
+                status,
+                stderr: self.stderr(),
+            }),
+        };
+        if let Err(HarnessError::Timeout(what)) = result {
+            return Err(HarnessError::Timeout(format!(
+                "{what}; console:\n{}",
+                self.console()
+            )));
         }
-        Ok(
-            AgentClient::connect_with_retry(&self.vsock_path(), AGENT_VSOCK_PORT, opts, deadline)
-                .await?,
-        )
+        result
+    }
+
+    /// After a failed test: how the VMM ended (a VMM whose guest just died gets 2 s to exit),
+    /// where its threads are, where the vCPUs of a guest still running are (needs the control
+    /// socket; `rip` named from `kernel`'s symbols), the console and stderr. Kills the VMM.
+    /// Returns the report and, if the guest CPU died under nested emulation, the evidence (see
+    /// [`nested_cpu_fault`]).
+    pub fn post_mortem(&mut self, kernel: &Path) -> (String, Option<String>) {
+        let exited = self.exited().or_else(|| {
+            std::thread::sleep(Duration::from_secs(2));
+            self.exited()
+        });
+        let threads = self.thread_dump();
+        let vcpus = if exited.is_none() {
+            let syms = KernelSymbols::load(kernel).ok();
+            self.vcpu_samples(5, Duration::from_millis(300), syms.as_ref())
+        } else {
+            String::new()
+        };
+        self.kill();
+        let (console, stderr) = (self.console(), self.stderr());
+        let report = format!(
+            "--- husk-vmm: {}\n--- husk-vmm threads:\n{threads}--- guest vCPUs:\n{vcpus}--- guest console:\n{console}\n--- husk-vmm stderr:\n{stderr}",
+            exited.map_or("still running when the test failed".into(), |s| format!("exited: {s}")),
+        );
+        let fault = nested_cpu_fault(exited, &stderr, &console, &threads);
+        (report, fault)
     }
 
     /// Waits for a console line containing `needle` (console must go to the pipe). Returns the line
@@ -720,6 +784,29 @@ pub fn median(v: &[f64]) -> f64 {
 pub fn in_nested_testhost() -> bool {
     std::fs::read_to_string("/proc/sys/kernel/osrelease")
         .is_ok_and(|r| r.trim().ends_with("-husk-l1"))
+}
+
+/// A failed run of a VM test: the panic, and the evidence if the guest CPU died under nested
+/// emulation (see [`nested_cpu_fault`]).
+pub type VmFailure = (Box<dyn std::any::Any + Send>, Option<String>);
+
+/// Runs a VM test; runs it once more (in a new VM: `run` starts everything it needs) only if the
+/// first run's guest CPU died under nested emulation. Any other failure, or a second one, fails
+/// the test.
+pub fn once_more_on_nested_cpu_fault(mut run: impl FnMut() -> Result<(), VmFailure>) {
+    match run() {
+        Ok(()) => {}
+        Err((_, Some(fault))) => {
+            eprintln!(
+                "WARNING: the guest CPU failed under nested emulation ({fault}); running the \
+                 test once more in a new VM"
+            );
+            if let Err((p, _)) = run() {
+                std::panic::resume_unwind(p);
+            }
+        }
+        Err((p, None)) => std::panic::resume_unwind(p),
+    }
 }
 
 /// The two ways a guest CPU dies under the nested test host's emulated SVM, seen with QEMU's

@@ -15,9 +15,8 @@ use std::time::{Duration, Instant};
 use husk_proto::client::{
     AgentClient, ClientError, ClientOptions, CreateContainer, MountStorage, ProcessExit,
 };
-use husk_proto::AGENT_VSOCK_PORT;
 use husk_tests::virtiofsd::Virtiofsd;
-use husk_tests::{vm_test_setup, VmOptions, VmProcess};
+use husk_tests::{vm_test_setup, VmFailure, VmOptions, VmProcess};
 use serde_json::{json, Value};
 
 /// What `ctr oci spec` (containerd 1.6) prints: the base of every container spec containerd gives a
@@ -701,28 +700,11 @@ async fn scenarios(c: AgentClient) {
 #[test]
 fn containers_run_in_the_guest_through_the_agent_api() {
     let a = vm_test_setup();
-    match run_pod_vm(&a) {
-        Ok(()) => {}
-        // Once, and only for a guest CPU that died below the VMM in the nested test host (see
-        // `nested_cpu_fault`); any other failure, or a second one, fails the test.
-        Err((_, Some(fault))) => {
-            eprintln!(
-                "WARNING: the guest CPU failed under nested emulation ({fault}); running the \
-                 test once more in a new VM"
-            );
-            if let Err((p, _)) = run_pod_vm(&a) {
-                std::panic::resume_unwind(p);
-            }
-        }
-        Err((p, None)) => std::panic::resume_unwind(p),
-    }
+    husk_tests::once_more_on_nested_cpu_fault(|| run_pod_vm(&a));
 }
 
-type Failure = (Box<dyn std::any::Any + Send>, Option<String>);
-
-/// One pod VM running every scenario. On failure: the panic, plus the evidence if the guest CPU
-/// died under nested emulation.
-fn run_pod_vm(a: &husk_tests::Artifacts) -> Result<(), Failure> {
+/// One pod VM running every scenario.
+fn run_pod_vm(a: &husk_tests::Artifacts) -> Result<(), VmFailure> {
     let tmp = tempfile::Builder::new()
         .prefix("husk-ctr-")
         .tempdir_in("/tmp")
@@ -761,14 +743,10 @@ fn run_pod_vm(a: &husk_tests::Artifacts) -> Result<(), Failure> {
                 retry_max_backoff: Duration::from_millis(100),
                 ..ClientOptions::default()
             };
-            let deadline = Instant::now() + Duration::from_secs(120);
-            while !vm.vsock_path().exists() && Instant::now() < deadline {
-                tokio::time::sleep(Duration::from_millis(10)).await;
-            }
-            let c =
-                AgentClient::connect_with_retry(&vm.vsock_path(), AGENT_VSOCK_PORT, opts, deadline)
-                    .await
-                    .expect("the agent answers");
+            let c = vm
+                .connect_agent_with(opts, Duration::from_secs(120))
+                .await
+                .expect("the agent answers");
             eprintln!("agent up after {:?}", started.elapsed());
             scenarios(c.clone()).await;
             eprintln!("scenarios done after {:?}", started.elapsed());
@@ -776,26 +754,8 @@ fn run_pod_vm(a: &husk_tests::Artifacts) -> Result<(), Failure> {
         })
     }));
     if let Err(p) = result {
-        // A VMM whose guest just died may need a moment to exit.
-        let exited = vm.exited().or_else(|| {
-            std::thread::sleep(Duration::from_secs(2));
-            vm.exited()
-        });
-        let threads = vm.thread_dump();
-        let vcpus = if exited.is_none() {
-            let syms = husk_tests::KernelSymbols::load(&a.kernel).ok();
-            vm.vcpu_samples(5, Duration::from_millis(300), syms.as_ref())
-        } else {
-            String::new()
-        };
-        vm.kill();
-        let (console, stderr) = (vm.console(), vm.stderr());
-        eprintln!(
-            "--- husk-vmm: {}\n--- husk-vmm threads:\n{threads}--- guest vCPUs:\n{vcpus}--- guest console:\n{console}\n--- husk-vmm stderr:\n{stderr}\n--- virtiofsd:\n{}",
-            exited.map_or("still running when the test failed".into(), |s| format!("exited: {s}")),
-            vfsd.log()
-        );
-        let fault = husk_tests::nested_cpu_fault(exited, &stderr, &console, &threads);
+        let (report, fault) = vm.post_mortem(&a.kernel);
+        eprintln!("{report}\n--- virtiofsd:\n{}", vfsd.log());
         return Err((p, fault));
     }
     let status = vm.wait_exit(Duration::from_secs(60)).unwrap();

@@ -16,7 +16,7 @@ fn boot() -> (
         control_socket: true,
         ..VmOptions::agent(&a)
     };
-    let vm = VmProcess::spawn(&a, &opts).unwrap();
+    let mut vm = VmProcess::spawn(&a, &opts).unwrap();
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()

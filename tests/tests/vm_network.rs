@@ -11,7 +11,7 @@
 
 use std::path::Path;
 use std::process::Command;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use husk_proto::client::{
     AgentClient, ClientError, ClientOptions, CreateContainer, InterfaceConfig, IpNet, MountStorage,
@@ -19,9 +19,8 @@ use husk_proto::client::{
 };
 use husk_proto::network::RESOLV_CONF_PATH;
 use husk_proto::v1::NetworkInterfaceStats;
-use husk_proto::AGENT_VSOCK_PORT;
 use husk_tests::virtiofsd::Virtiofsd;
-use husk_tests::{vm_test_setup, VmOptions, VmProcess};
+use husk_tests::{vm_test_setup, VmFailure, VmOptions, VmProcess};
 use serde_json::{json, Value};
 
 const TAP: &str = "hkt-net0";
@@ -313,6 +312,11 @@ fn setup_network_configures_the_guest_from_the_host() {
         .unwrap()
         .trim()
         .to_string();
+    husk_tests::once_more_on_nested_cpu_fault(|| run_network_vm(&a, &host_mac));
+}
+
+/// One VM (tap, share with the containers' roots) through every network scenario.
+fn run_network_vm(a: &husk_tests::Artifacts, host_mac: &str) -> Result<(), VmFailure> {
     let tmp = tempfile::Builder::new()
         .prefix("husk-net-")
         .tempdir_in("/tmp")
@@ -325,15 +329,17 @@ fn setup_network_configures_the_guest_from_the_host() {
     let opts = VmOptions {
         vcpus: 2,
         mem_mib: 256,
+        // Only for the failure report: where the vCPUs of a guest that stopped are.
+        control_socket: true,
         extra_args: vec![
             "--fs".into(),
             format!("socket={},tag={TAG}", vfsd.socket.display()),
             "--net".into(),
             format!("tap={TAP},mac={GUEST_MAC}"),
         ],
-        ..VmOptions::agent(&a)
+        ..VmOptions::agent(a)
     };
-    let mut vm = VmProcess::spawn(&a, &opts).unwrap();
+    let mut vm = VmProcess::spawn(a, &opts).unwrap();
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
@@ -347,28 +353,20 @@ fn setup_network_configures_the_guest_from_the_host() {
                 retry_max_backoff: Duration::from_millis(100),
                 ..ClientOptions::default()
             };
-            let deadline = Instant::now() + Duration::from_secs(120);
-            while !vm.vsock_path().exists() && Instant::now() < deadline {
-                tokio::time::sleep(Duration::from_millis(10)).await;
-            }
-            let c =
-                AgentClient::connect_with_retry(&vm.vsock_path(), AGENT_VSOCK_PORT, opts, deadline)
-                    .await
-                    .expect("the agent answers");
-            scenario(c.clone(), host_mac).await;
+            let c = vm
+                .connect_agent_with(opts, Duration::from_secs(120))
+                .await
+                .expect("the agent answers");
+            scenario(c.clone(), host_mac.to_string()).await;
             c.shutdown().await.unwrap();
         })
     }));
     if let Err(p) = result {
-        vm.kill();
-        eprintln!(
-            "--- guest console:\n{}\n--- husk-vmm stderr:\n{}\n--- virtiofsd:\n{}",
-            vm.console(),
-            vm.stderr(),
-            vfsd.log()
-        );
-        std::panic::resume_unwind(p);
+        let (report, fault) = vm.post_mortem(&a.kernel);
+        eprintln!("{report}\n--- virtiofsd:\n{}", vfsd.log());
+        return Err((p, fault));
     }
     let status = vm.wait_exit(Duration::from_secs(60)).unwrap();
     assert!(status.success(), "husk-vmm exit: {status}");
+    Ok(())
 }
