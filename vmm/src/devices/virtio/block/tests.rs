@@ -571,8 +571,15 @@ fn bring_up(t: &mut MmioTransport, q: &GuestQueue) -> u32 {
     offered
 }
 
-#[test]
-fn event_manager_drives_device_through_mmio_transport() {
+/// A disk (serial `serial-1`) behind the MMIO transport, with its event loop running, as the VMM
+/// wires it; the image file lives as long as the first element.
+fn mmio_rig() -> (
+    tempfile::NamedTempFile,
+    Arc<Mutex<Block>>,
+    GuestMemory,
+    MmioTransport,
+    EventLoop,
+) {
     let img = image(SECTORS);
     let blk = Arc::new(Mutex::new(
         Block::new(BlockConfig {
@@ -583,8 +590,38 @@ fn event_manager_drives_device_through_mmio_transport() {
         .unwrap(),
     ));
     let mem = test_memory();
-    let mut t = MmioTransport::new(mem.clone(), blk.clone()).unwrap();
+    let t = MmioTransport::new(mem.clone(), blk.clone()).unwrap();
     let event_loop = EventLoop::start(blk.clone());
+    (img, blk, mem, t, event_loop)
+}
+
+/// Sends GET_ID through the running device and waits for it: the serial and `OK` come back.
+fn get_id(t: &mut MmioTransport, q: &mut GuestQueue, mem: &GuestMemory) {
+    let mut hdr = [0u8; 16];
+    hdr[0..4].copy_from_slice(&VIRTIO_BLK_T_GET_ID.to_le_bytes());
+    mem.write_slice(&hdr, GuestAddress(HDR)).unwrap();
+    mem.write_slice(&[0u8; 20], GuestAddress(DATA)).unwrap();
+    mem.write_obj(STATUS_POISON, GuestAddress(STATUS)).unwrap();
+    let head = q.add_chain(&[(HDR, 16, false), (DATA, 20, true), (STATUS, 1, true)]);
+    w(t, 0x50, 0);
+    let deadline = Instant::now() + Duration::from_secs(5);
+    let used = loop {
+        if let Some(u) = q.pop_used() {
+            break u;
+        }
+        assert!(Instant::now() < deadline, "GET_ID never completed");
+        thread::sleep(Duration::from_millis(2));
+    };
+    assert_eq!(used, (u32::from(head), 21));
+    let mut id = [0u8; 8];
+    mem.read_slice(&mut id, GuestAddress(DATA)).unwrap();
+    assert_eq!(&id, b"serial-1");
+    assert_eq!(mem.read_obj::<u8>(GuestAddress(STATUS)).unwrap(), OK);
+}
+
+#[test]
+fn event_manager_drives_device_through_mmio_transport() {
+    let (_img, blk, mem, mut t, event_loop) = mmio_rig();
 
     assert_eq!(r(&mut t, 0x08), 2);
     assert_eq!(r(&mut t, 0x100), SECTORS as u32);
@@ -597,23 +634,7 @@ fn event_manager_drives_device_through_mmio_transport() {
         u64::from(offered) | (1 << VIRTIO_F_VERSION_1)
     );
 
-    let mut hdr = [0u8; 16];
-    hdr[0..4].copy_from_slice(&VIRTIO_BLK_T_GET_ID.to_le_bytes());
-    mem.write_slice(&hdr, GuestAddress(HDR)).unwrap();
-    let head = q.add_chain(&[(HDR, 16, false), (DATA, 20, true), (STATUS, 1, true)]);
-    w(&mut t, 0x50, 0);
-    let deadline = Instant::now() + Duration::from_secs(5);
-    let used = loop {
-        if let Some(u) = q.pop_used() {
-            break u;
-        }
-        assert!(Instant::now() < deadline, "request never completed");
-        thread::sleep(Duration::from_millis(2));
-    };
-    assert_eq!(used, (u32::from(head), 21));
-    let mut id = [0u8; 8];
-    mem.read_slice(&mut id, GuestAddress(DATA)).unwrap();
-    assert_eq!(&id, b"serial-1");
+    get_id(&mut t, &mut q, &mem);
     assert!(t.interrupt_evt().read().unwrap() >= 1);
     assert_eq!(
         r(&mut t, 0x60) & VIRTIO_MMIO_INT_VRING,
@@ -699,18 +720,7 @@ fn queue_the_event_loop_cannot_watch_needs_reset() {
         return;
     }
 
-    let img = image(SECTORS);
-    let blk = Arc::new(Mutex::new(
-        Block::new(BlockConfig {
-            path: img.path().to_path_buf(),
-            read_only: false,
-            id: Some("serial-1".into()),
-        })
-        .unwrap(),
-    ));
-    let mem = test_memory();
-    let mut t = MmioTransport::new(mem.clone(), blk.clone()).unwrap();
-    let event_loop = EventLoop::start(blk.clone());
+    let (_img, blk, mem, mut t, event_loop) = mmio_rig();
     let mut q = GuestQueue::new(&mem, GuestAddress(0x1000), 64);
     bring_up(&mut t, &q);
 
@@ -760,23 +770,7 @@ fn queue_the_event_loop_cannot_watch_needs_reset() {
     bring_up(&mut t, &q);
     w(&mut t, 0x70, 15);
     assert_eq!(t.status(), 15);
-    let mut hdr = [0u8; 16];
-    hdr[0..4].copy_from_slice(&VIRTIO_BLK_T_GET_ID.to_le_bytes());
-    mem.write_slice(&hdr, GuestAddress(HDR)).unwrap();
-    let head = q.add_chain(&[(HDR, 16, false), (DATA, 20, true), (STATUS, 1, true)]);
-    w(&mut t, 0x50, 0);
-    let deadline = Instant::now() + Duration::from_secs(5);
-    let used = loop {
-        if let Some(u) = q.pop_used() {
-            break u;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "request after the reset never completed"
-        );
-        thread::sleep(Duration::from_millis(2));
-    };
-    assert_eq!(used, (u32::from(head), 21));
+    get_id(&mut t, &mut q, &mem);
     event_loop.stop();
 }
 
