@@ -9,7 +9,9 @@ use event_manager::{EventManager, MutEventSubscriber, SubscriberOps};
 use virtio_queue::{Queue, QueueT};
 use vm_memory::{Address, Bytes, GuestAddress};
 
+use super::mmio::MmioTransport;
 use super::GuestMemory;
+use crate::devices::bus::BusDevice;
 
 pub const VRING_DESC_F_NEXT: u16 = 1;
 pub const VRING_DESC_F_WRITE: u16 = 2;
@@ -150,4 +152,46 @@ impl EventLoop {
         self.stop.store(true, Ordering::SeqCst);
         self.thread.join().unwrap();
     }
+}
+
+/// Writes 32-bit MMIO register `off` of the transport, as a driver does.
+pub fn mmio_write(t: &mut MmioTransport, off: u64, v: u32) {
+    t.write(off, &v.to_le_bytes());
+}
+
+/// Reads 32-bit MMIO register `off` of the transport.
+pub fn mmio_read(t: &mut MmioTransport, off: u64) -> u32 {
+    let mut b = [0u8; 4];
+    t.read(off, &mut b);
+    u32::from_le_bytes(b)
+}
+
+/// Plays the driver from reset through `FEATURES_OK` and queue setup: for each of the two feature
+/// words it acks what `ack(word, offered)` returns, then sets up `queues` in order and marks them
+/// ready. The caller writes `DRIVER_OK`. Returns the two words the device offered.
+pub fn mmio_driver_setup(
+    t: &mut MmioTransport,
+    ack: impl Fn(u32, u32) -> u32,
+    queues: &[&GuestQueue],
+) -> [u32; 2] {
+    mmio_write(t, 0x70, 1);
+    mmio_write(t, 0x70, 3);
+    let mut offered = [0; 2];
+    for word in 0..2u32 {
+        mmio_write(t, 0x14, word);
+        offered[word as usize] = mmio_read(t, 0x10);
+        mmio_write(t, 0x24, word);
+        mmio_write(t, 0x20, ack(word, offered[word as usize]));
+    }
+    mmio_write(t, 0x70, 11);
+    for (i, q) in queues.iter().enumerate() {
+        let (d, a, u) = q.addrs();
+        mmio_write(t, 0x30, i as u32);
+        mmio_write(t, 0x38, u32::from(q.size()));
+        mmio_write(t, 0x80, d as u32);
+        mmio_write(t, 0x90, a as u32);
+        mmio_write(t, 0xa0, u as u32);
+        mmio_write(t, 0x44, 1);
+    }
+    offered
 }

@@ -15,11 +15,11 @@ use virtio_bindings::virtio_blk::{
 use vm_memory::{Bytes, GuestAddress};
 
 use super::*;
-use crate::devices::bus::BusDevice;
 use crate::devices::virtio::mmio::MmioTransport;
 use crate::devices::virtio::status::DEVICE_NEEDS_RESET;
 use crate::devices::virtio::test_utils::{
-    test_memory, EventLoop, GuestQueue, VRING_DESC_F_NEXT, VRING_DESC_F_WRITE,
+    mmio_driver_setup, mmio_read as r, mmio_write as w, test_memory, EventLoop, GuestQueue,
+    VRING_DESC_F_NEXT, VRING_DESC_F_WRITE,
 };
 use crate::devices::virtio::VIRTIO_MMIO_INT_CONFIG;
 
@@ -537,38 +537,11 @@ fn batch_is_interrupted_once_and_reset_stops_the_device() {
 
 /// The whole stack as the VMM wires it: MMIO registers, an event manager thread, notifications
 /// through the transport and interrupts through the irq eventfd.
-/// Writes MMIO register `off` of the transport, as the driver does.
-fn w(t: &mut MmioTransport, off: u64, v: u32) {
-    t.write(off, &v.to_le_bytes());
-}
-
-/// Reads MMIO register `off` of the transport.
-fn r(t: &mut MmioTransport, off: u64) -> u32 {
-    let mut b = [0u8; 4];
-    t.read(off, &mut b);
-    u32::from_le_bytes(b)
-}
-
-/// Plays the driver from reset up to `FEATURES_OK` with queue 0 set up on `q` and ready; the
-/// caller writes `DRIVER_OK`. Returns the features the device offered (low word).
+/// Plays the driver up to `FEATURES_OK` with the request queue on `q`: every low feature the
+/// device offers, plus VERSION_1. The caller writes `DRIVER_OK`. Returns the offered low word.
 fn bring_up(t: &mut MmioTransport, q: &GuestQueue) -> u32 {
-    w(t, 0x70, 1);
-    w(t, 0x70, 3);
-    w(t, 0x14, 0);
-    let offered = r(t, 0x10);
-    w(t, 0x24, 0);
-    w(t, 0x20, offered);
-    w(t, 0x24, 1);
-    w(t, 0x20, 1); // VIRTIO_F_VERSION_1
-    w(t, 0x70, 11);
-    let (d, a, u) = q.addrs();
-    w(t, 0x30, 0);
-    w(t, 0x38, u32::from(q.size()));
-    w(t, 0x80, d as u32);
-    w(t, 0x90, a as u32);
-    w(t, 0xa0, u as u32);
-    w(t, 0x44, 1);
-    offered
+    let ack = |word, offered| if word == 0 { offered } else { 1 };
+    mmio_driver_setup(t, ack, &[q])[0]
 }
 
 /// A disk (serial `serial-1`) behind the MMIO transport, with its event loop running, as the VMM

@@ -17,7 +17,8 @@ use super::*;
 use crate::devices::bus::BusDevice;
 use crate::devices::virtio::mmio::MmioTransport;
 use crate::devices::virtio::test_utils::{
-    test_memory, EventLoop, GuestQueue, VRING_DESC_F_NEXT, VRING_DESC_F_WRITE,
+    mmio_driver_setup, mmio_read, mmio_write, test_memory, EventLoop, GuestQueue,
+    VRING_DESC_F_NEXT, VRING_DESC_F_WRITE,
 };
 
 /// IEEE 802 "local experimental" ethertype: nothing else on a test tap uses it.
@@ -764,32 +765,10 @@ fn event_manager_drives_device_through_mmio_transport() {
     let mut t = MmioTransport::new(mem.clone(), net.clone()).unwrap();
     let event_loop = EventLoop::start(net.clone());
 
-    let w = |t: &mut MmioTransport, off: u64, v: u32| t.write(off, &v.to_le_bytes());
-    let r = |t: &mut MmioTransport, off: u64| {
-        let mut b = [0u8; 4];
-        t.read(off, &mut b);
-        u32::from_le_bytes(b)
-    };
+    let (w, r) = (mmio_write, mmio_read);
     assert_eq!(r(&mut t, 0x08), 1);
     let mut g = Guest::new(&mem);
-    w(&mut t, 0x70, 1);
-    w(&mut t, 0x70, 3);
-    for sel in 0..2 {
-        w(&mut t, 0x14, sel);
-        let offered = r(&mut t, 0x10);
-        w(&mut t, 0x24, sel);
-        w(&mut t, 0x20, offered);
-    }
-    w(&mut t, 0x70, 11);
-    for (i, q) in [&g.rxq, &g.txq].into_iter().enumerate() {
-        let (d, a, u) = q.addrs();
-        w(&mut t, 0x30, i as u32);
-        w(&mut t, 0x38, u32::from(QSIZE));
-        w(&mut t, 0x80, d as u32);
-        w(&mut t, 0x90, a as u32);
-        w(&mut t, 0xa0, u as u32);
-        w(&mut t, 0x44, 1);
-    }
+    mmio_driver_setup(&mut t, |_, offered| offered, &[&g.rxq, &g.txq]);
     w(&mut t, 0x70, 15);
     assert_eq!(t.status(), 15);
     let mac: Vec<u8> = (0..6u64)

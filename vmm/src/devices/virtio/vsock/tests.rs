@@ -19,7 +19,8 @@ use crate::devices::bus::BusDevice;
 use crate::devices::virtio::mmio::MmioTransport;
 use crate::devices::virtio::status::DEVICE_NEEDS_RESET;
 use crate::devices::virtio::test_utils::{
-    test_memory, EventLoop, GuestQueue, VRING_DESC_F_NEXT, VRING_DESC_F_WRITE,
+    mmio_driver_setup, mmio_read, mmio_write, test_memory, EventLoop, GuestQueue,
+    VRING_DESC_F_NEXT, VRING_DESC_F_WRITE,
 };
 use crate::devices::virtio::VIRTIO_MMIO_INT_CONFIG;
 
@@ -621,24 +622,9 @@ fn event_manager_drives_device_through_mmio_transport() {
     let mut t = MmioTransport::new(mem.clone(), vsock.clone()).unwrap();
     let event_loop = EventLoop::start(vsock.clone());
 
-    let w = |t: &mut MmioTransport, off: u64, v: u32| t.write(off, &v.to_le_bytes());
+    let w = mmio_write;
     let mut g = Guest::new(&mem);
-    w(&mut t, 0x70, 1);
-    w(&mut t, 0x70, 3);
-    w(&mut t, 0x24, 1);
-    w(&mut t, 0x20, 1); // VIRTIO_F_VERSION_1
-    w(&mut t, 0x70, 11);
-    for (i, q) in [&g.rxq, &g.txq, &g.evq].into_iter().enumerate() {
-        let (d, a, u) = q.addrs();
-        w(&mut t, 0x30, i as u32);
-        w(&mut t, 0x38, u32::from(QSIZE));
-        w(&mut t, 0x80, d as u32);
-        w(&mut t, 0x90, a as u32);
-        w(&mut t, 0xa0, u as u32);
-        w(&mut t, 0x44, 1);
-    }
-    w(&mut t, 0x70, 15);
-    assert_eq!(t.status(), 15);
+    mmio_bring_up(&mut t, &g);
 
     g.post_rx(8);
     w(&mut t, 0x50, 0);
@@ -691,29 +677,11 @@ fn event_manager_drives_device_through_mmio_transport() {
 
 /// Drives the transport through feature negotiation and queue setup to `DRIVER_OK`.
 fn mmio_bring_up(t: &mut MmioTransport, g: &Guest) {
-    let w = |t: &mut MmioTransport, off: u64, v: u32| t.write(off, &v.to_le_bytes());
-    w(t, 0x70, 1);
-    w(t, 0x70, 3);
-    w(t, 0x24, 1);
-    w(t, 0x20, 1); // VIRTIO_F_VERSION_1
-    w(t, 0x70, 11);
-    for (i, q) in [&g.rxq, &g.txq, &g.evq].into_iter().enumerate() {
-        let (d, a, u) = q.addrs();
-        w(t, 0x30, i as u32);
-        w(t, 0x38, u32::from(QSIZE));
-        w(t, 0x80, d as u32);
-        w(t, 0x90, a as u32);
-        w(t, 0xa0, u as u32);
-        w(t, 0x44, 1);
-    }
-    w(t, 0x70, 15);
+    // Only VERSION_1 (bit 32): the device's optional features stay off.
+    let ack = |word, _| u32::from(word == 1);
+    mmio_driver_setup(t, ack, &[&g.rxq, &g.txq, &g.evq]);
+    mmio_write(t, 0x70, 15);
     assert_eq!(t.status(), 15);
-}
-
-fn mmio_read(t: &mut MmioTransport, off: u64) -> u32 {
-    let mut b = [0u8; 4];
-    t.read(off, &mut b);
-    u32::from_le_bytes(b)
 }
 
 /// Waits (pumping nothing: the event loop runs elsewhere) until `f` holds.
@@ -737,7 +705,7 @@ fn broken_ring_sets_needs_reset_through_the_transport_until_reset() {
     let mem = test_memory();
     let mut t = MmioTransport::new(mem.clone(), vsock.clone()).unwrap();
     let event_loop = EventLoop::start(vsock.clone());
-    let w = |t: &mut MmioTransport, off: u64, v: u32| t.write(off, &v.to_le_bytes());
+    let w = mmio_write;
 
     let mut g = Guest::new(&mem);
     mmio_bring_up(&mut t, &g);
