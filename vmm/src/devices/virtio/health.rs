@@ -214,6 +214,21 @@ pub fn watch_queue(
     Ok(clone)
 }
 
+/// [`watch_queue`] for every queue of a device, queue `i` delivered as `first_data + i`, in
+/// order; the registered clones are appended to `registered` (also those before a failure, so
+/// the device can unregister them).
+pub fn watch_queues(
+    ops: &mut EventOps,
+    evts: &[EventFd],
+    first_data: u32,
+    registered: &mut Vec<EventFd>,
+) -> Result<(), RingError> {
+    for (i, evt) in evts.iter().enumerate() {
+        registered.push(watch_queue(ops, evt, i, first_data + i as u32)?);
+    }
+    Ok(())
+}
+
 /// Tells the driver it need not notify us (we are draining the ring anyway).
 pub fn disable_notification(
     queue: &mut Queue,

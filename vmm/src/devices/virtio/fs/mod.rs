@@ -378,16 +378,11 @@ impl Fs {
         let Some(a) = self.active.as_ref().filter(|_| !self.dead) else {
             return;
         };
-        for (i, evt) in a.calls.iter().enumerate() {
-            match health::watch_queue(ops, evt, i, EV_CALL + i as u32) {
-                Ok(clone) => self.registered.push(clone),
-                Err(e) => {
-                    // The daemon's completions for this queue would never reach the guest.
-                    self.fail(&e.to_string());
-                    self.sync_registrations(ops);
-                    return;
-                }
-            }
+        if let Err(e) = health::watch_queues(ops, &a.calls, EV_CALL, &mut self.registered) {
+            // The daemon's completions for that queue would never reach the guest.
+            self.fail(&e.to_string());
+            self.sync_registrations(ops);
+            return;
         }
         // The daemon may have used buffers before we were watching.
         for i in 0..self.registered.len() {

@@ -389,16 +389,7 @@ impl Net {
         let Some(a) = self.state.active() else {
             return;
         };
-        let mut failure = None;
-        for (i, evt) in a.evts.iter().enumerate() {
-            match health::watch_queue(ops, evt, i, EV_RXQ + i as u32) {
-                Ok(clone) => self.registered.push(clone),
-                Err(e) => {
-                    failure = Some(e);
-                    break;
-                }
-            }
-        }
+        let mut failure = health::watch_queues(ops, &a.evts, EV_RXQ, &mut self.registered).err();
         if failure.is_none() && !self.tap_failed {
             let want = self.desired_tap_events();
             match ops.add(Events::with_data(&self.tap, EV_TAP, want)) {

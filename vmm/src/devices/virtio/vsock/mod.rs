@@ -235,16 +235,7 @@ impl Vsock {
         let Some(a) = self.state.active() else {
             return;
         };
-        let mut failure = None;
-        for (i, evt) in a.evts.iter().enumerate() {
-            match health::watch_queue(ops, evt, i, EV_RXQ + i as u32) {
-                Ok(clone) => self.registered.push(clone),
-                Err(e) => {
-                    failure = Some(e);
-                    break;
-                }
-            }
-        }
+        let mut failure = health::watch_queues(ops, &a.evts, EV_RXQ, &mut self.registered).err();
         if failure.is_none() {
             match ops.add(Events::with_data_raw(
                 self.muxer.epoll_fd(),
